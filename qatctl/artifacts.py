@@ -1,0 +1,195 @@
+"""Artifact folders and their manifests (DESIGN §3).
+
+An artifact is a folder with a `qatctl.json` whose status is "complete". A stage builds its
+output in `DIR.partial/`, writes the manifest last, and renames the folder into place, so a kill
+at any moment leaves either no `DIR` or a complete earlier one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from qatctl import __version__
+from qatctl.errors import QatctlError
+
+MANIFEST = "qatctl.json"
+SCHEMA = 1
+KINDS = ("qat-checkpoint", "int4-checkpoint", "rollouts", "report")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A complete artifact read from disk."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def digest(self) -> str:
+        return sha256_file(self.path / MANIFEST)
+
+    def as_input(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "digest": self.digest}
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of an artifact folder, checked for shape (not for completeness)."""
+    path = Path(path)
+    if not path.exists():
+        raise QatctlError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise QatctlError(f"{path}: not an artifact folder (expected a folder with {MANIFEST})")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise QatctlError(f"{mpath}: missing; {path} is not a qatctl artifact (or was never completed)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QatctlError(f"{mpath}: not valid JSON ({e})")
+    if not isinstance(manifest, dict):
+        raise QatctlError(f"{mpath}: expected a JSON object")
+    for key in ("schema", "stage", "kind", "status"):
+        if key not in manifest:
+            raise QatctlError(f"{mpath}: missing field {key!r}")
+    if manifest["schema"] != SCHEMA:
+        raise QatctlError(f"{mpath}: schema {manifest['schema']!r} is not supported (expected {SCHEMA})")
+    return manifest
+
+
+def read_artifact(path, expect_kind: str | tuple[str, ...] | None = None) -> Artifact:
+    """Open an input artifact: it must be complete, of the expected kind, with its files present."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    mpath = path / MANIFEST
+    if manifest["status"] != "complete":
+        raise QatctlError(f"{mpath}: status is {manifest['status']!r}, expected 'complete'")
+    kinds = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
+    if kinds and manifest["kind"] not in kinds:
+        raise QatctlError(f"{path}: is a {manifest['kind']!r} (made by {manifest['stage']}), "
+                          f"expected a {' or '.join(repr(k) for k in kinds)}")
+    for name in manifest.get("files", {}):
+        if not (path / name).is_file():
+            raise QatctlError(f"{path / name}: listed in {MANIFEST} but missing")
+    return Artifact(path, manifest)
+
+
+def _normalized(obj):
+    """JSON round trip, so tuples/Paths compare equal to what a manifest holds."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+class OutputDir:
+    """The one output folder of a stage run.
+
+        out = OutputDir(path, stage="convert-int4", kind="int4-checkpoint", config=..., inputs=[...])
+        if (done := out.up_to_date()) is not None: return done
+        with out.building() as tmp:
+            ... write files into tmp ...
+            manifest = out.commit(tmp, quant=..., metrics=...)
+    """
+
+    def __init__(self, path, *, stage: str, kind: str, config: dict, inputs: list[dict], force: bool = False):
+        assert kind in KINDS, kind
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.stage, self.kind, self.force = stage, kind, force
+        self.config, self.inputs = _normalized(config), _normalized(inputs)
+
+    def up_to_date(self) -> dict | None:
+        """The existing manifest if the output is complete with the same config and inputs.
+
+        Raises if a different complete (or foreign) output is in the way and --force is off.
+        """
+        if not self.path.exists():
+            return None
+        if self.force:
+            return None
+        if not (self.path / MANIFEST).is_file():
+            raise QatctlError(f"{self.path}: exists and is not a qatctl artifact; remove it or pass --force")
+        existing = read_manifest(self.path)
+        same = (existing.get("status") == "complete" and existing.get("stage") == self.stage
+                and existing.get("config") == self.config
+                and [(i["kind"], i["digest"]) for i in existing.get("inputs", [])]
+                == [(i["kind"], i["digest"]) for i in self.inputs])
+        if same:
+            return existing
+        raise QatctlError(f"{self.path}: holds a {existing.get('stage')} output with a different config or "
+                          "inputs; pass --force to replace it")
+
+    def building(self):
+        return _Building(self)
+
+    def commit(self, tmp: Path, *, quant: dict | None = None, metrics: dict | None = None,
+               extra: dict | None = None) -> dict:
+        """Digest the files, write the manifest last, rename the folder into place."""
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "schema": SCHEMA, "stage": self.stage, "kind": self.kind, "status": "complete",
+            "qatctl_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": self.config, "inputs": self.inputs, "quant": quant, "metrics": _normalized(metrics or {}),
+            "files": files, **(extra or {}),
+        }
+        mtmp = tmp / (MANIFEST + ".tmp")
+        with open(mtmp, "w") as f:
+            json.dump(manifest, f, indent=1, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(mtmp, tmp / MANIFEST)
+        _fsync_dir(tmp)
+        if self.path.exists():  # --force: swap, so the old artifact survives a kill mid-swap
+            old = self.path.with_name(self.path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+            os.replace(tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return manifest
+
+
+class _Building:
+    def __init__(self, out: OutputDir):
+        self.out = out
+
+    def __enter__(self) -> Path:
+        p = self.out.partial
+        shutil.rmtree(p, ignore_errors=True)  # a stale partial from a killed run is never resumed here
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.mkdir()
+        return p
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.out.partial, ignore_errors=True)
+        return False
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

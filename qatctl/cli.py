@@ -1,0 +1,150 @@
+"""The `qatctl` command line: one thin command per stage.
+
+Each command parses options, builds its stage's config, calls `run(config)` and prints the
+result. Expected errors (QatctlError) print one red line and exit with the error's code (2 for
+bad input); `--debug` shows the traceback. Torch is imported by the stages, never here, so
+`qatctl --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qatctl import __version__
+from qatctl.errors import QatctlError
+from stages.convert_int4 import ConvertInt4Config
+from stages.init_qat import InitQatConfig
+
+app = typer.Typer(help="INT4 QAT -> INT4 checkpoint -> INT4 rollout -> RL update, one stage at a time.",
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+_state = {"debug": False}
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output artifact folder (written atomically).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output made with other config/inputs.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")]
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"qatctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for expected errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+):
+    _state["debug"] = debug
+
+
+def _run(stage_run, config):
+    """Call a stage, turning expected errors into one line and an exit code."""
+    from qatctl.ui import console
+
+    try:
+        return stage_run(config)
+    except QatctlError as e:
+        if _state["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130)
+
+
+def _report(manifest: dict, as_json: bool, extra_tables=()) -> None:
+    from qatctl import ui
+
+    if as_json:
+        ui.emit_json(manifest)
+        return
+    status = "up to date" if manifest.get("up_to_date") else manifest["status"]
+    rows = [("stage", manifest["stage"]), ("kind", manifest["kind"]), ("status", status),
+            ("inputs", [i.get("path", i.get("name")) for i in manifest.get("inputs", [])])]
+    ui.show(ui.table(manifest.get("path", "result"), rows), *extra_tables)
+    metrics = {k: v for k, v in manifest.get("metrics", {}).items() if not isinstance(v, dict)}
+    if metrics:
+        ui.show(ui.table("metrics", metrics.items(), ("metric", "value")))
+
+
+@app.command("init-qat")
+def init_qat(
+    model: Annotated[str, typer.Argument(help="HF folder, .gguf file, or preset: smollm2-135m, tiny-llama, "
+                                              "tiny-qwen3, tiny-qwen3-moe.")],
+    out: Out,
+    group_size: Annotated[int, typer.Option(help="Input elements per scale: 32, 64 or 128.")] = InitQatConfig.group_size,
+    scale_rule: Annotated[str, typer.Option(help="kimi (amax/7, 15 levels) or minmax (amax/7.5, 16 levels).")] = InitQatConfig.scale_rule,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Module left in BF16 (name, prefix or re:regex); repeatable.")] = None,
+    preset_targets: Annotated[Optional[str], typer.Option(help="kimi-experts: quantize routed experts only.")] = InitQatConfig.preset_targets,
+    seed: Annotated[int, typer.Option(help="Seed for the tiny random presets.")] = InitQatConfig.seed,
+    force: Force = False,
+    json_: Json = False,
+):
+    """Make a qat-checkpoint (BF16 masters + INT4 scheme) from a pretrained model; reports PTQ SQNR."""
+    from stages import init_qat as stage
+
+    config = InitQatConfig(model=model, out=out, group_size=group_size, scale_rule=scale_rule,
+                           ignore=tuple(ignore or ()), preset_targets=preset_targets, seed=seed, force=force)
+    manifest = _run(stage.run, config)
+    from qatctl import ui
+
+    per_tensor = manifest.get("metrics", {}).get("sqnr_db_per_tensor", {})
+    sqnr = ui.table("PTQ error by weight role (per-tensor values in qatctl.json)", stage.sqnr_rows(per_tensor),
+                    ("role", "tensors", "mean SQNR dB", "min SQNR dB", "worst tensor"))
+    _report({**manifest, "path": str(out)}, json_, [sqnr] if per_tensor else [])
+
+
+@app.command("convert-int4")
+def convert_int4(
+    ckpt: Annotated[Path, typer.Argument(help="A qat-checkpoint folder.")],
+    out: Out,
+    force: Force = False,
+    json_: Json = False,
+):
+    """Write the INT4 checkpoint (compressed-tensors pack-quantized) that SGLang and vLLM load."""
+    from stages import convert_int4 as stage
+
+    manifest = _run(stage.run, ConvertInt4Config(ckpt=ckpt, out=out, force=force))
+    _report({**manifest, "path": str(out)}, json_)
+
+
+@app.command("inspect")
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder (or its qatctl.json).")],
+    json_: Json = False,
+):
+    """Print an artifact's manifest."""
+    from qatctl import ui
+    from qatctl.artifacts import MANIFEST, read_manifest
+
+    path = artifact.parent if artifact.name == MANIFEST else artifact
+    m = _run(read_manifest, path)
+    if json_:
+        ui.emit_json(m)
+        return
+    rows = [(k, m.get(k)) for k in ("stage", "kind", "status", "qatctl_version", "created")]
+    rows += [(f"config.{k}", v) for k, v in (m.get("config") or {}).items()]
+    rows += [(f"quant.{k}", v) for k, v in (m.get("quant") or {}).items()]
+    rows += [(f"input[{i}]", f"{x['kind']} {x.get('path', x.get('name'))} sha256:{x['digest'][:12]}") for i, x in enumerate(m.get("inputs", []))]
+    rows += [("files", f"{len(m.get('files', {}))} files")]
+    ui.show(ui.table(str(path), rows))
+    metrics = m.get("metrics") or {}
+    mrows = [(k, v if not isinstance(v, dict) else f"{len(v)} entries") for k, v in metrics.items()]
+    if mrows:
+        ui.show(ui.table("metrics", mrows, ("metric", "value")))
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

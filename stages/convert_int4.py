@@ -1,0 +1,158 @@
+"""convert-int4: `qat-checkpoint` -> `int4-checkpoint` in compressed-tensors pack-quantized format.
+
+Reads:  a qat-checkpoint (its manifest names the quant scheme).
+Writes: an HF folder SGLang and vLLM load as-is: every target Linear becomes `weight_packed`
+        (int32 [out, in/8]), `weight_scale` (BF16 [out, in/group]) and `weight_shape`
+        (int64 [2]); config.json gains `quantization_config`; tokenizer and generation config
+        are copied. Works tensor by tensor, shard by shard: the input is memory-mapped and only
+        one output shard is held at a time.
+
+    qatctl convert-int4 runs/demo/init --out runs/demo/int4
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qatctl.artifacts import OutputDir, read_artifact
+
+STAGE, KIND = "convert-int4", "int4-checkpoint"
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class ConvertInt4Config:
+    ckpt: Path  # a qat-checkpoint
+    out: Path
+    force: bool = False  # replace an existing output made from other inputs
+
+    def recorded(self) -> dict:
+        return {}  # the scheme comes from the input manifest, whose digest is recorded
+
+
+def quantization_config(scheme, ignore: list[str]) -> dict:
+    """config.json's `quantization_config`, built with compressed-tensors' own schema."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=scheme.symmetric,
+                            strategy="group", group_size=scheme.group_size)
+    cfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                             format="pack-quantized", quantization_status="compressed", ignore=ignore)
+    return cfg.to_dict()
+
+
+def _target_module(key: str, ndim: int, scheme) -> str | None:
+    """The module name if on-disk tensor `key` is a weight the scheme quantizes."""
+    from qatctl.quant import is_target
+
+    if ndim == 2 and key.endswith(".weight") and is_target(key[: -len(".weight")], scheme):
+        return key[: -len(".weight")]
+    return None
+
+
+def _shards(ckpt: Path) -> list[str]:
+    if (ckpt / INDEX).is_file():
+        return sorted(set(json.loads((ckpt / INDEX).read_text())["weight_map"].values()))
+    return sorted(p.name for p in ckpt.glob("*.safetensors"))
+
+
+def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int]:
+    """Validate every target's shape from the safetensors headers (no weight is read).
+
+    Returns the Linear modules left in BF16 (the `ignore` list) and the number of targets.
+    """
+    from safetensors import safe_open
+
+    from qatctl.errors import QatctlError
+    from qatctl.quant import in_decoder_block, is_ignored
+
+    ignored, n = ["lm_head"], 0
+    for shard in shards:
+        with safe_open(ckpt / shard, "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                module = _target_module(key, len(shape), scheme)
+                if module is not None:
+                    if shape[-1] % scheme.group_size:
+                        raise QatctlError(f"{ckpt / shard}: {module}: input dimension {shape[-1]} is not a "
+                                          f"multiple of group_size {scheme.group_size}")
+                    n += 1
+                elif len(shape) == 2 and key.endswith(".weight"):
+                    name = key[: -len(".weight")]
+                    if in_decoder_block(name) and is_ignored(name, scheme.ignore):
+                        ignored.append(name)
+    if n == 0:
+        raise QatctlError(f"{ckpt}: no tensor matches the quant targets (decoder-block Linear weights)")
+    return list(dict.fromkeys(ignored)), n
+
+
+def run(config: ConvertInt4Config) -> dict:
+    src = read_artifact(config.ckpt, "qat-checkpoint")
+    out = OutputDir(config.out, stage=STAGE, kind=KIND, config=config.recorded(),
+                    inputs=[src.as_input()], force=config.force)
+    if (done := out.up_to_date()) is not None:
+        return {**done, "up_to_date": True}
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qatctl.errors import QatctlError
+    from qatctl.quant import QuantScheme, check_quantizable, pack, quantize
+    from qatctl.ui import progress
+
+    ckpt = src.path
+    scheme = QuantScheme.from_manifest(src.manifest.get("quant") or {}, f"{ckpt}/qatctl.json")
+    shards = _shards(ckpt)
+    if not shards:
+        raise QatctlError(f"{ckpt}: no *.safetensors weights")
+    ignore, n_targets = _check_shapes(ckpt, shards, scheme)
+
+    t0 = time.perf_counter()
+    bytes_in = sum((ckpt / s).stat().st_size for s in shards)
+    weight_map = {}
+    with out.building() as tmp, progress() as bar:
+        task = bar.add_task("convert-int4", total=n_targets, info="")
+        for shard in shards:
+            tensors = {}
+            with safe_open(ckpt / shard, "pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        raise QatctlError(f"{ckpt / shard}: {key}: NaN/Inf values in the weight")
+                    module = _target_module(key, t.ndim, scheme)
+                    if module is None:
+                        tensors[key] = t
+                        continue
+                    check_quantizable(f"{ckpt / shard}: {module}", t, scheme)
+                    q, scale = quantize(t, scheme)
+                    tensors[f"{module}.weight_packed"] = pack(q)
+                    tensors[f"{module}.weight_scale"] = scale.contiguous()
+                    tensors[f"{module}.weight_shape"] = torch.tensor(t.shape, dtype=torch.int64)
+                    bar.update(task, advance=1, info=module)
+            save_file(tensors, tmp / shard, metadata={"format": "pt"})
+            weight_map.update({k: shard for k in tensors})
+            del tensors
+        if (ckpt / INDEX).is_file():
+            index = json.loads((ckpt / INDEX).read_text())
+            index["weight_map"] = dict(sorted(weight_map.items()))
+            index.setdefault("metadata", {})["total_size"] = sum((tmp / s).stat().st_size for s in shards)
+            (tmp / INDEX).write_text(json.dumps(index, indent=2))
+
+        hf_config = json.loads((ckpt / "config.json").read_text())
+        hf_config["quantization_config"] = quantization_config(scheme, ignore)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        for p in ckpt.iterdir():  # tokenizer, generation config, chat template
+            if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX, "qatctl.json"):
+                shutil.copy2(p, tmp / p.name)
+
+        seconds = time.perf_counter() - t0
+        bytes_out = sum((tmp / s).stat().st_size for s in shards)
+        metrics = {"quantized_tensors": n_targets, "bytes_in": bytes_in, "bytes_out": bytes_out,
+                   "ratio": round(bytes_in / bytes_out, 3), "seconds": round(seconds, 3),
+                   "gb_per_s": round(bytes_in / seconds / 1e9, 3), "ignore": ignore}
+        return out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics)

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random checkpoints (fast) and the real SmolLM2-135M (slow, built once)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def qatctl(*args, check=True, timeout=600, **kw) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (real exit codes, real stderr)."""
+    p = subprocess.run([sys.executable, "-m", "qatctl.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"qatctl {' '.join(map(str, args))} exited {p.returncode}\n{p.stderr[-3000:]}")
+    return p
+
+
+def make_tiny(preset: str, out: Path, **options):
+    from stages.init_qat import InitQatConfig, run
+
+    return run(InitQatConfig(model=preset, out=out, **options))
+
+
+def make_int4(ckpt: Path, out: Path):
+    from stages.convert_int4 import ConvertInt4Config, run
+
+    return run(ConvertInt4Config(ckpt=ckpt, out=out))
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory):
+    """{preset: (qat-checkpoint, int4-checkpoint)} for every tiny preset."""
+    root = tmp_path_factory.mktemp("tiny")
+    pairs = {}
+    for preset in ("tiny-llama", "tiny-qwen3", "tiny-qwen3-moe"):
+        make_tiny(preset, root / preset)
+        make_int4(root / preset, root / f"{preset}-int4")
+        pairs[preset] = (root / preset, root / f"{preset}-int4")
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def smollm2_pair(tmp_path_factory):
+    """(qat-checkpoint, int4-checkpoint) of the real SmolLM2-135M-Instruct, made through the CLI."""
+    root = tmp_path_factory.mktemp("smollm2")
+    qatctl("init-qat", "smollm2-135m", "--out", root / "init")
+    qatctl("convert-int4", root / "init", "--out", root / "int4")
+    return root / "init", root / "int4"
