@@ -45,11 +45,22 @@ def main(
 
 
 def _run(stage_run, config):
-    """Call a stage, turning expected errors into one line and an exit code."""
+    """Call a stage, turning expected errors into one line and an exit code.
+
+    Stdout is reserved for data (--json): whatever libraries print while the stage runs
+    (DeepSpeed logs to stdout on import, for one) goes to stderr.
+    """
+    import contextlib
+    import os
+
     from qatctl.ui import console
 
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
     try:
-        return stage_run(config)
+        with contextlib.redirect_stdout(sys.stderr):
+            return stage_run(config)
     except QatctlError as e:
         if _state["debug"]:
             raise
