@@ -63,7 +63,7 @@ def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QatctlError(f"{mpath}: not valid JSON ({e})")
+        raise QatctlError(f"{mpath}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise QatctlError(f"{mpath}: expected a JSON object")
     for key in ("schema", "stage", "kind", "status"):

@@ -65,10 +65,10 @@ def _run(stage_run, config):
         if _state["debug"]:
             raise
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code)
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 def _report(manifest: dict, as_json: bool, extra_tables=()) -> None:

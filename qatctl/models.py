@@ -73,7 +73,7 @@ def resolve_source(model: str) -> ModelSource:
             try:
                 qc = json.loads(cfg.read_text()).get("quantization_config")
             except json.JSONDecodeError as e:
-                raise QatctlError(f"{cfg}: not valid JSON ({e})")
+                raise QatctlError(f"{cfg}: not valid JSON ({e})") from None
             if qc:
                 raise QatctlError(f"{cfg}: the model is already quantized (quant_method "
                                   f"{qc.get('quant_method')!r}); expected a BF16/fp32 checkpoint")

@@ -73,7 +73,7 @@ class QuantScheme:
                 try:
                     re.compile(pattern[3:])
                 except re.error as e:
-                    raise QatctlError(f"quant scheme: ignore pattern {pattern!r} is not a valid regex: {e}")
+                    raise QatctlError(f"quant scheme: ignore pattern {pattern!r} is not a valid regex: {e}") from None
 
     def to_manifest(self) -> dict:
         d = asdict(self)
@@ -81,14 +81,14 @@ class QuantScheme:
         return d
 
     @classmethod
-    def from_manifest(cls, d: dict, source: str = "manifest") -> "QuantScheme":
+    def from_manifest(cls, d: dict, source: str = "manifest") -> QuantScheme:
         try:
             return cls(group_size=int(d["group_size"]), scale_rule=d["scale_rule"],
                        ignore=tuple(d["ignore"]), ste=d.get("ste", "identity"),
                        bits=int(d["bits"]), symmetric=bool(d["symmetric"]))
         except (KeyError, TypeError, ValueError) as e:
             raise QatctlError(f"{source}: field 'quant' is malformed ({e!r}); expected bits, group_size, "
-                              "symmetric, scale_rule, ignore")
+                              "symmetric, scale_rule, ignore") from None
 
     @property
     def qrange(self) -> tuple[int, int]:

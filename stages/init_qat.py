@@ -75,11 +75,12 @@ def run(config: InitQatConfig) -> dict:
         return {**done, "up_to_date": True}
 
     import torch
-    from qatctl.quant import SqnrTotals, check_quantizable, fake_quant_value
-    from qatctl.ui import progress
 
     # Shapes are checked on a meta-device model before any weight is read.
     from transformers import AutoModelForCausalLM
+
+    from qatctl.quant import SqnrTotals, check_quantizable, fake_quant_value
+    from qatctl.ui import progress
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(models.load_config(src))
     models.check_model_shapes(meta, scheme, check_values=False)

@@ -111,4 +111,4 @@ def test_fake_quant_parametrization_matches_materialized(tiny_pairs):
     assert expert.parametrizations.gate_up_proj.original.grad is not None
     models.remove_fake_quant(model)
     plain, _ = models.load_checkpoint(ckpt)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values(), strict=True))

@@ -7,8 +7,20 @@ import pytest
 import torch
 
 from qatctl.errors import QatctlError
-from qatctl.quant import (BF16_TINY, GROUP_SIZES, SCALE_RULES, QuantScheme, check_quantizable, dequant,
-                          fake_quant, fake_quant_value, is_target, pack, quantize, unpack)
+from qatctl.quant import (
+    BF16_TINY,
+    GROUP_SIZES,
+    SCALE_RULES,
+    QuantScheme,
+    check_quantizable,
+    dequant,
+    fake_quant,
+    fake_quant_value,
+    is_target,
+    pack,
+    quantize,
+    unpack,
+)
 
 SHAPES = [(1, 128), (7, 256), (64, 384), (3, 5, 128)]  # incl. a fused-expert 3-D shape
 
