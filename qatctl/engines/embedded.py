@@ -1,0 +1,409 @@
+"""The embedded engine: an in-process Llama / Qwen3 / Qwen3-MoE decoder on a real 4-bit kernel.
+
+Weights of an int4-checkpoint stay 4-bit: each target Linear is repacked at load time for the
+running CPU (`_convert_weight_to_int4pack_for_cpu`, symmetric maps exactly as u = q + 8,
+zero 0) and runs `_weight_int4pack_mm_for_cpu` with BF16 activations. q/k/v and gate/up are
+fused into one kernel call each. Norms, RoPE, attention, softmax and the residual stream run
+in fp32.
+
+Batch invariance: a sequence's tokens and logprobs do not depend on what it is batched with.
+The int4 kernel is row-invariant in M; prefill runs each prompt alone; attention runs over
+each row's own length (rows of equal length share one call); the fp32 lm_head runs in fixed
+chunks of LM_HEAD_CHUNK rows, since MKL's dense matmul result depends on M; sampling uses a
+generator per row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qatctl.engines import Completion, SamplingParams
+from qatctl.errors import QatctlError
+from qatctl.quant import dequant, unpack
+
+log = logging.getLogger("qatctl.engine")
+LM_HEAD_CHUNK = 8
+SUPPORTED = ("llama", "qwen3", "qwen3_moe")
+
+
+class Int4Linear:
+    """y = x @ (q * scale).T on the CPU int4 kernel (BF16 in, BF16 out)."""
+
+    kernel = "aten._weight_int4pack_mm_for_cpu"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int):
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
+        scale_t = scale.to(torch.bfloat16).t().contiguous()  # [in/group, out]
+        self.scales_and_zeros = torch.stack([scale_t, torch.zeros_like(scale_t)], dim=-1).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                        self.packed, self.group_size, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features).float()
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
+
+
+class DenseLinear:
+    """Baseline: a dense weight in fp32 or BF16."""
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
+        self.weight = w.to(dtype).contiguous()
+        self.out_features, self.in_features = w.shape
+        self.kernel = f"dense {str(dtype).removeprefix('torch.')} matmul"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.weight.dtype) @ self.weight.t()).float()
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+def _rms_norm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rotate(x, cos, sin):  # HF convention: rotate_half over the two halves of head_dim
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class _Weights:
+    """Reads an HF folder (int4 pack-quantized or dense) tensor by tensor."""
+
+    def __init__(self, folder: Path, weights: str):
+        from safetensors import safe_open
+
+        self.handles = [safe_open(p, "pt") for p in sorted(folder.glob("*.safetensors"))]
+        if not self.handles:
+            raise QatctlError(f"{folder}: no *.safetensors weights")
+        self.where = {k: h for h in self.handles for k in h.keys()}
+        cfg = json.loads((folder / "config.json").read_text())
+        qc = cfg.get("quantization_config") or {}
+        self.int4 = qc.get("format") == "pack-quantized"
+        if qc and not self.int4:
+            raise QatctlError(f"{folder}/config.json: quantization format {qc.get('format')!r} is not supported "
+                              "(expected compressed-tensors pack-quantized)")
+        self.group_size = qc["config_groups"]["group_0"]["weights"]["group_size"] if self.int4 else None
+        if weights not in ("int4", "fp32", "bf16"):
+            raise QatctlError(f"engine: weights={weights!r}; expected int4, fp32 or bf16")
+        if weights == "int4" and not self.int4:
+            raise QatctlError(f"{folder}: not an int4-checkpoint (no pack-quantized quantization_config); "
+                              "pass weights='fp32' or 'bf16' to run it dense")
+        self.mode = weights
+
+    def tensor(self, key):
+        return self.where[key].get_tensor(key)
+
+    def has(self, key):
+        return key in self.where
+
+    def linear(self, *modules):
+        """One linear over the modules' outputs concatenated (fused q/k/v, gate/up)."""
+        if all(self.has(f"{m}.weight_packed") for m in modules):
+            qs, scales = [], []
+            for m in modules:
+                shape = self.tensor(f"{m}.weight_shape").tolist()
+                qs.append(unpack(self.tensor(f"{m}.weight_packed"), shape))
+                scales.append(self.tensor(f"{m}.weight_scale"))
+            q, scale = torch.cat(qs), torch.cat(scales)
+            if self.mode == "int4":
+                return Int4Linear(q, scale, self.group_size)
+            w = dequant(q, scale, self.group_size)  # dense baseline of the same INT4 weights
+        else:
+            w = torch.cat([self.tensor(f"{m}.weight") for m in modules])
+        return DenseLinear(w.float(), torch.bfloat16 if self.mode == "bf16" else torch.float32)
+
+
+class EmbeddedEngine:
+    def __init__(self, folder: Path, cfg: dict, w: _Weights, tokenizer, eos_ids: set[int]):
+        self.folder, self.cfg, self.tokenizer, self.eos_ids = folder, cfg, tokenizer, eos_ids
+        self.model_type = cfg["model_type"]
+        self.n_heads, self.n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.hidden = cfg["hidden_size"]
+        self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
+        self.eps = cfg["rms_norm_eps"]
+        rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0), "rope_type": "default"}
+        if rope.get("rope_type", "default") != "default":
+            raise QatctlError(f"{folder}/config.json: rope_type {rope['rope_type']!r} is not supported")
+        self.max_pos = cfg.get("max_position_embeddings", 4096)
+        inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        ang = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv)
+        ang = torch.cat([ang, ang], dim=-1)
+        self.cos, self.sin = ang.cos().float(), ang.sin().float()
+
+        self.embed = w.tensor("model.embed_tokens.weight").float()
+        self.lm_head = self.embed if not w.has("lm_head.weight") else w.tensor("lm_head.weight").float()
+        self.final_norm = w.tensor("model.norm.weight").float()
+        self.layers = []
+        qk_norm = self.model_type in ("qwen3", "qwen3_moe")
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            if w.has(f"{p}.self_attn.q_proj.bias"):
+                raise QatctlError(f"{folder}: attention biases are not supported by the embedded engine")
+            layer = {
+                "in_norm": w.tensor(f"{p}.input_layernorm.weight").float(),
+                "post_norm": w.tensor(f"{p}.post_attention_layernorm.weight").float(),
+                "qkv": w.linear(f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"),
+                "o": w.linear(f"{p}.self_attn.o_proj"),
+            }
+            if qk_norm:
+                layer["q_norm"] = w.tensor(f"{p}.self_attn.q_norm.weight").float()
+                layer["k_norm"] = w.tensor(f"{p}.self_attn.k_norm.weight").float()
+            if w.has(f"{p}.mlp.gate.weight"):  # MoE block
+                n_exp = cfg.get("num_experts") or cfg["num_local_experts"]
+                layer["router"] = w.tensor(f"{p}.mlp.gate.weight").float()
+                layer["experts"] = [(w.linear(f"{p}.mlp.experts.{e}.gate_proj", f"{p}.mlp.experts.{e}.up_proj"),
+                                     w.linear(f"{p}.mlp.experts.{e}.down_proj")) for e in range(n_exp)]
+                layer["top_k"], layer["norm_topk"] = cfg["num_experts_per_tok"], cfg.get("norm_topk_prob", True)
+            else:
+                layer["gate_up"] = w.linear(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")
+                layer["down"] = w.linear(f"{p}.mlp.down_proj")
+            self.layers.append(layer)
+        first = self.layers[0]["qkv"]
+        self.kernel = first.kernel
+        self.weight_bytes = sum(lin.nbytes for layer in self.layers for lin in _linears(layer))
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path, weights: str = "int4"):
+        """weights: 'int4' (the 4-bit kernel; needs an int4-checkpoint), or 'fp32' / 'bf16' to run
+        any HF folder dense (an int4-checkpoint is then dequantized: a baseline, never the default)."""
+        from transformers import AutoTokenizer, GenerationConfig
+
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise QatctlError(f"{folder}: not a model folder (no config.json)")
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.get("model_type") not in SUPPORTED:
+            raise QatctlError(f"{folder}/config.json: model_type {cfg.get('model_type')!r} is not supported by the "
+                              f"embedded engine ({', '.join(SUPPORTED)})")
+        t0 = time.perf_counter()
+        w = _Weights(folder, weights)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        eos = cfg.get("eos_token_id")
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if (folder / "generation_config.json").is_file():
+            g = GenerationConfig.from_pretrained(folder).eos_token_id
+            eos_ids |= set(g if isinstance(g, list) else [g] if g is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        engine = cls(folder, cfg, w, tokenizer, eos_ids)
+        log.info("loaded %s (%s weights, kernel %s) in %.1fs", folder, weights, engine.kernel, time.perf_counter() - t0)
+        return engine
+
+    # ------------------------------------------------------------------ model
+
+    def _attn_mlp(self, layer, x, positions, caches, lengths):
+        """One decoder layer over rows x [B, T, H]; row b's cache gets T new entries at lengths[b]."""
+        B, T, _ = x.shape
+        h = _rms_norm(x, layer["in_norm"], self.eps)
+        qkv = layer["qkv"](h)
+        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q = qkv[..., :nq].view(B, T, self.n_heads, self.head_dim)
+        k = qkv[..., nq:nq + nk].view(B, T, self.n_kv, self.head_dim)
+        v = qkv[..., nq + nk:].view(B, T, self.n_kv, self.head_dim)
+        if "q_norm" in layer:
+            q, k = _rms_norm(q, layer["q_norm"], self.eps), _rms_norm(k, layer["k_norm"], self.eps)
+        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [B, T, 1, hd]
+        q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        out = torch.empty(B, self.n_heads, T, self.head_dim)
+        groups: dict[int, list[int]] = {}
+        for b in range(B):
+            kc, vc = caches[b]
+            kc[:, lengths[b]:lengths[b] + T] = k[b]
+            vc[:, lengths[b]:lengths[b] + T] = v[b]
+            groups.setdefault(lengths[b], []).append(b)
+        for start, rows in groups.items():  # rows of equal length attend in one call
+            end = start + T
+            kk = torch.stack([caches[b][0][:, :end] for b in rows])
+            vv = torch.stack([caches[b][1][:, :end] for b in rows])
+            out[rows] = F.scaled_dot_product_attention(q[rows], kk, vv, is_causal=T > 1 and start == 0,
+                                                       attn_mask=_prefix_causal(T, start) if T > 1 and start else None,
+                                                       enable_gqa=True)
+        x = x + layer["o"](out.transpose(1, 2).reshape(B, T, nq))
+        h = _rms_norm(x, layer["post_norm"], self.eps)
+        return x + (self._moe(layer, h) if "router" in layer else self._mlp(layer["gate_up"], layer["down"], h))
+
+    @staticmethod
+    def _mlp(gate_up, down, h):
+        g, u = gate_up(h).chunk(2, dim=-1)
+        return down(F.silu(g) * u)
+
+    def _moe(self, layer, h):
+        shape = h.shape
+        flat = h.reshape(-1, shape[-1])
+        probs = torch.softmax(flat @ layer["router"].t(), dim=-1)
+        weights, experts = probs.topk(layer["top_k"], dim=-1)
+        if layer["norm_topk"]:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for e in experts.unique().tolist():  # ascending expert order: a token's sum order is fixed
+            rows, slot = (experts == e).nonzero(as_tuple=True)
+            y = self._mlp(*layer["experts"][e], flat[rows])
+            out.index_add_(0, rows, y * weights[rows, slot].unsqueeze(-1))
+        return out.reshape(shape)
+
+    def _forward(self, tokens, positions, caches, lengths):
+        x = self.embed[tokens]
+        for i, layer in enumerate(self.layers):
+            x = self._attn_mlp(layer, x, positions, [c[i] for c in caches], lengths)
+        return _rms_norm(x, self.final_norm, self.eps)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 lm_head in fixed chunks of rows, so a row's logits never depend on the batch."""
+        flat = h.reshape(-1, h.shape[-1])
+        n = flat.shape[0]
+        pad = (-n) % LM_HEAD_CHUNK
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+        out = torch.cat([c @ self.lm_head.t() for c in flat.split(LM_HEAD_CHUNK)])
+        return out[:n].reshape(*h.shape[:-1], -1)
+
+    def _new_cache(self, length):
+        return [(torch.zeros(self.n_kv, length, self.head_dim), torch.zeros(self.n_kv, length, self.head_dim))
+                for _ in self.layers]
+
+    def _prefill(self, ids: list[int], cache) -> torch.Tensor:
+        t = torch.tensor([ids])
+        h = self._forward(t, torch.arange(len(ids)).unsqueeze(0), [cache], [0])
+        return h[0]
+
+    # ------------------------------------------------------------------ interface
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        B = len(prompts)
+        for i, p in enumerate(prompts):
+            if not p:
+                raise QatctlError(f"generate: prompt {i} is empty")
+            if len(p) + params[i].max_new_tokens > self.max_pos:
+                raise QatctlError(f"generate: prompt {i} ({len(p)} tokens) + max_new_tokens "
+                                  f"{params[i].max_new_tokens} exceeds the model's {self.max_pos} positions")
+        outs = [Completion(prompt_ids=list(p)) for p in prompts]
+        gens = [_generator(sp.seed) for sp in params]
+        caches = [self._new_cache(len(p) + sp.max_new_tokens) for p, sp in zip(prompts, params, strict=True)]
+        lengths = [len(p) for p in prompts]
+        last_h = torch.stack([self._prefill(p, c)[-1] for p, c in zip(prompts, caches, strict=True)])
+        active = [b for b in range(B) if params[b].max_new_tokens > 0]
+        logits = self._logits(last_h)
+        while active:
+            next_tokens = []
+            for row, b in enumerate(active):
+                tok, lp = _sample(logits[row], params[b], gens[b])
+                o = outs[b]
+                o.output_ids.append(tok)
+                o.logprobs.append(lp)
+                next_tokens.append(tok)
+            still = []
+            for b in active:
+                o, sp = outs[b], params[b]
+                if (not sp.ignore_eos and o.output_ids[-1] in self.eos_ids) or o.output_ids[-1] in sp.stop_token_ids:
+                    o.finish_reason = "stop"
+                elif sp.stop and _hit_stop(self.tokenizer, o, sp.stop):
+                    o.finish_reason = "stop"
+                elif len(o.output_ids) >= sp.max_new_tokens:
+                    o.finish_reason = "length"
+                else:
+                    still.append(b)
+            keep = [active.index(b) for b in still]
+            active = still
+            if not active:
+                break
+            tokens = torch.tensor([[next_tokens[i]] for i in keep])
+            pos = torch.tensor([[lengths[b]] for b in active])
+            h = self._forward(tokens, pos, [caches[b] for b in active], [lengths[b] for b in active])
+            for b in active:
+                lengths[b] += 1
+            logits = self._logits(h[:, -1])
+        for o, sp in zip(outs, params, strict=True):
+            o.text = self.tokenizer.decode(o.output_ids, skip_special_tokens=True)
+            if sp.stop:
+                o.text = _cut_at_stop(o.text, sp.stop)
+        return outs
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """Per-token logprobs of each completion given its prompt (one pass per sequence)."""
+        result = []
+        for p, c in zip(prompts, completions, strict=True):
+            if not c:
+                result.append([])
+                continue
+            ids = list(p) + list(c)
+            if len(ids) > self.max_pos:
+                raise QatctlError(f"score: {len(ids)} tokens exceed the model's {self.max_pos} positions")
+            h = self._prefill(ids, self._new_cache(len(ids)))
+            logits = self._logits(h[len(p) - 1:len(ids) - 1])
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
+            result.append(lp.tolist())
+        return result
+
+    def info(self) -> dict:
+        return {"engine": "embedded", "model": str(self.folder), "model_type": self.model_type,
+                "kernel": self.kernel, "weight_bytes": self.weight_bytes,
+                "lm_head_bytes": self.lm_head.numel() * 4, "threads": torch.get_num_threads()}
+
+
+def _linears(layer):
+    for key in ("qkv", "o", "gate_up", "down"):
+        if key in layer:
+            yield layer[key]
+    for pair in layer.get("experts", ()):
+        yield from pair
+
+
+def _prefix_causal(T, start):
+    """Mask for T new queries after `start` cached keys: each sees the prefix and its causal part."""
+    m = torch.ones(T, start + T, dtype=torch.bool)
+    m[:, start:] = torch.ones(T, T, dtype=torch.bool).tril()
+    return m
+
+
+def _generator(seed):
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else torch.randint(0, 2**62, ()).item())
+    return g
+
+
+def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> tuple[int, float]:
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if sp.temperature == 0:
+        tok = int(torch.argmax(logits))
+        return tok, float(logprobs[tok])
+    scaled = logits / sp.temperature
+    if sp.top_k:
+        kth = torch.topk(scaled, min(sp.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if sp.top_p < 1:
+        sorted_l, idx = torch.sort(scaled, descending=True)
+        cum = torch.softmax(sorted_l, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_l, -1) >= sp.top_p  # keep the smallest prefix reaching top_p
+        scaled = scaled.scatter(0, idx, sorted_l.masked_fill(drop, -math.inf))
+    tok = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=gen))
+    return tok, float(logprobs[tok])
+
+
+def _hit_stop(tokenizer, o: Completion, stops) -> bool:
+    tail = tokenizer.decode(o.output_ids[-16:], skip_special_tokens=True)
+    return any(s in tail for s in stops)
+
+
+def _cut_at_stop(text: str, stops) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
