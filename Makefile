@@ -36,6 +36,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/convert.py
+	$(BIN)/python bench/engine.py
 
 clean:
 	rm -rf runs .cache

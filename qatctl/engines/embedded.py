@@ -8,8 +8,8 @@ in fp32.
 
 Batch invariance: a sequence's tokens and logprobs do not depend on what it is batched with.
 The int4 kernel is row-invariant in M; prefill runs each prompt alone; attention runs over
-each row's own length (rows of equal length share one call); the fp32 lm_head runs in fixed
-chunks of LM_HEAD_CHUNK rows, since MKL's dense matmul result depends on M; sampling uses a
+each row's own length (rows of equal length share one call); the fp32 lm_head and MoE router
+run in fixed chunks of CHUNK_ROWS rows, since MKL's dense matmul result depends on M; sampling uses a
 generator per row.
 """
 
@@ -29,7 +29,7 @@ from qatctl.errors import QatctlError
 from qatctl.quant import dequant, unpack
 
 log = logging.getLogger("qatctl.engine")
-LM_HEAD_CHUNK = 8
+CHUNK_ROWS = 8
 SUPPORTED = ("llama", "qwen3", "qwen3_moe")
 
 
@@ -247,7 +247,7 @@ class EmbeddedEngine:
     def _moe(self, layer, h):
         shape = h.shape
         flat = h.reshape(-1, shape[-1])
-        probs = torch.softmax(flat @ layer["router"].t(), dim=-1)
+        probs = torch.softmax(_chunked_matmul(flat, layer["router"]), dim=-1)
         weights, experts = probs.topk(layer["top_k"], dim=-1)
         if layer["norm_topk"]:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -265,14 +265,7 @@ class EmbeddedEngine:
         return _rms_norm(x, self.final_norm, self.eps)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 lm_head in fixed chunks of rows, so a row's logits never depend on the batch."""
-        flat = h.reshape(-1, h.shape[-1])
-        n = flat.shape[0]
-        pad = (-n) % LM_HEAD_CHUNK
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
-        out = torch.cat([c @ self.lm_head.t() for c in flat.split(LM_HEAD_CHUNK)])
-        return out[:n].reshape(*h.shape[:-1], -1)
+        return _chunked_matmul(h, self.lm_head)
 
     def _new_cache(self, length):
         return [(torch.zeros(self.n_kv, length, self.head_dim), torch.zeros(self.n_kv, length, self.head_dim))
@@ -358,6 +351,21 @@ class EmbeddedEngine:
         return {"engine": "embedded", "model": str(self.folder), "model_type": self.model_type,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes,
                 "lm_head_bytes": self.lm_head.numel() * 4, "threads": torch.get_num_threads()}
+
+
+def _chunked_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for dense fp32 weights (lm_head, MoE router) in fixed chunks of CHUNK_ROWS rows.
+
+    MKL's fp32 result for a row depends on M but not on the other rows' values, so a fixed M
+    keeps a row's output independent of what it is batched with.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    pad = (-n) % CHUNK_ROWS
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    out = torch.cat([c @ w.t() for c in flat.split(CHUNK_ROWS)])
+    return out[:n].reshape(*x.shape[:-1], -1)
 
 
 def _linears(layer):

@@ -1,0 +1,130 @@
+"""Benchmark: embedded engine decode and prefill on SmolLM2-135M, all variants in one run.
+
+    python bench/engine.py          (make bench)
+
+Decode tokens/s at batch 1, 8, 32 for the INT4 engine, the same engine with dense BF16 and
+fp32 weights, and HF `generate` (fp32, fake-quant weights); prefill tokens/s; peak RSS; the
+copy bandwidth measured in the same run and the bytes read per decoded token, for the
+bandwidth roofline. Writes docs/benchmarks.md#engine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._report import machine, write_section  # noqa: E402
+from qatctl.engines import SamplingParams  # noqa: E402
+from qatctl.engines.embedded import EmbeddedEngine  # noqa: E402
+from stages import convert_int4, init_qat  # noqa: E402
+
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "bench"
+NEW = 32
+
+
+def decode_rate(engine, batch: int, new: int) -> float:
+    prompts = [list(range(100, 116)) for _ in range(batch)]
+    sp = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+    engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True))  # warm up
+    t = time.perf_counter()
+    engine.generate(prompts, sp)
+    total = time.perf_counter() - t
+    t = time.perf_counter()
+    engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True))
+    prefill = time.perf_counter() - t  # prefill + one lm_head: subtracted to leave decode steps
+    return batch * (new - 1) / max(total - prefill, 1e-9)
+
+
+def prefill_rate(engine, n: int = 256) -> float:
+    ids = list(range(100, 100 + n))
+    engine.score([ids[:8]], [ids[8:16]])
+    t = time.perf_counter()
+    engine.score([ids[:-1]], [ids[-1:]])
+    return n / (time.perf_counter() - t)
+
+
+def hf_rate(ckpt: Path, batch: int, new: int) -> float:
+    from qatctl import models
+    from qatctl.artifacts import read_artifact
+    from qatctl.quant import QuantScheme
+
+    model, _ = models.load_checkpoint(ckpt)
+    models.materialize_fake_quant(model, QuantScheme.from_manifest(read_artifact(ckpt).manifest["quant"]))
+    ids = torch.arange(100, 116).repeat(batch, 1)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        total = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - t
+    return batch * (new - 1) / (total - first)
+
+
+def copy_bandwidth() -> float:
+    src, dst = torch.ones(256 << 20, dtype=torch.uint8), torch.zeros(256 << 20, dtype=torch.uint8)
+    dst.copy_(src)
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    return 2 * 5 * src.numel() / (time.perf_counter() - t)  # read + write
+
+
+def main() -> None:
+    ckpt, int4 = RUNS / "smollm2-init", RUNS / "smollm2-int4"
+    init_qat.run(init_qat.InitQatConfig(model="smollm2-135m", out=ckpt))
+    convert_int4.run(convert_int4.ConvertInt4Config(ckpt=ckpt, out=int4))
+    threads = torch.get_num_threads()
+    bw = copy_bandwidth()
+    engines = {w: EmbeddedEngine.load(int4, weights=w) for w in ("int4", "fp32", "bf16")}
+    rows = []
+    for name, eng in engines.items():
+        batches = (1, 8, 32) if name != "bf16" else (1, 8)  # BF16 dense matmul is very slow on AVX2
+        rates = {b: decode_rate(eng, b, NEW if name != "bf16" else 8) for b in batches}
+        rows.append((f"engine {name} ({eng.kernel})", rates, prefill_rate(eng), eng.weight_bytes))
+    hf = {b: hf_rate(ckpt, b, NEW if b > 1 else 16) for b in (1, 8)}
+    rows.append(("HF generate fp32 (fake-quant weights)", hf, None, None))
+    torch.set_num_threads(1)
+    one = {"int4": decode_rate(engines["int4"], 1, NEW), "hf": hf_rate(ckpt, 1, 16)}
+    torch.set_num_threads(threads)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    lm_head = engines["int4"].lm_head.numel() * 4
+    per_token = engines["int4"].weight_bytes + lm_head
+    roofline = bw / 2 / per_token  # read-only traffic: half the copy's read+write bytes per second
+    int4_b1 = rows[0][1][1]
+    lines = [f"## Engine decode on SmolLM2-135M ({datetime.date.today()})", "",
+             f"Machine: {machine()}. Greedy, prompt 16 tokens, {NEW} new tokens (8 for BF16 dense), "
+             "prefill timed separately and subtracted.", "",
+             "| variant | decode tok/s b=1 | b=8 | b=32 | prefill tok/s (256) | linear weight MB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, rates, pre, wb in rows:
+        cells = [f"{rates[b]:.1f}" if b in rates else "-" for b in (1, 8, 32)]
+        lines.append(f"| {name} | {' | '.join(cells)} | {f'{pre:.0f}' if pre else '-'} | "
+                     f"{f'{wb / 1e6:.0f}' if wb else '-'} |")
+    lines += ["", f"With 1 thread: INT4 engine {one['int4']:.1f} tok/s, HF generate {one['hf']:.1f} tok/s (batch 1).", "",
+              f"- Copy bandwidth in this run: {bw / 1e9:.1f} GB/s (read+write); bytes read per decoded token: "
+              f"{per_token / 1e6:.0f} MB ({engines['int4'].weight_bytes / 1e6:.0f} MB INT4 linears + "
+              f"{lm_head / 1e6:.0f} MB fp32 lm_head) -> roofline {roofline:.0f} tok/s at batch 1; "
+              f"INT4 engine reaches {int4_b1 / roofline:.0%} of it.",
+              f"- Ratios at batch 1 ({threads} threads): INT4 / HF fp32 = {int4_b1 / hf[1]:.1f}x; "
+              f"INT4 / fastest dense engine = {int4_b1 / max(rows[1][1][1], rows[2][1][1]):.2f}x. "
+              "llama.cpp runs this model at about 80 tok/s on this machine (brief).",
+              f"- Peak RSS of the benchmark process: {rss:.0f} MB.",
+              "- Limits: the fp32 lm_head is the largest single read per token (tied embeddings, 49152 x 576) "
+              "and runs in fixed 8-row chunks for batch invariance; per-layer Python/op overhead "
+              "(30 layers x ~20 ops) dominates at batch 1."]
+    body = "\n".join(lines)
+    write_section("engine", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
