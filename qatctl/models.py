@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qatctl.errors import QatctlError
-from qatctl.quant import QuantScheme, check_quantizable, fake_quant, fake_quant_value, is_target
+from qatctl.quant import QuantScheme, check_quantizable, check_shape, fake_quant, fake_quant_value, is_target
 
 # Tiny random presets: every Linear input dim divides 128, so all group sizes apply.
 _TINY_COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -222,9 +222,8 @@ def check_model_shapes(model: nn.Module, scheme: QuantScheme, check_values: bool
         w = getattr(mod, pname)
         if check_values:
             check_quantizable(name, w, scheme)
-        elif w.shape[-1] % scheme.group_size:
-            raise QatctlError(f"{name}: input dimension {w.shape[-1]} (shape {tuple(w.shape)}) is not a "
-                              f"multiple of group_size {scheme.group_size}")
+        else:
+            check_shape(name, w.shape, scheme)
         n += 1
     return n
 

@@ -119,11 +119,16 @@ def is_target(module_name: str, scheme: QuantScheme) -> bool:
     return in_decoder_block(module_name) and not is_ignored(module_name, scheme.ignore)
 
 
+def check_shape(name: str, shape, scheme: QuantScheme) -> None:
+    """The input dimension must split into whole groups (no padding scheme is supported)."""
+    if shape[-1] % scheme.group_size:
+        raise QatctlError(f"{name}: input dimension {shape[-1]} (shape {tuple(shape)}) is not a "
+                          f"multiple of group_size {scheme.group_size}")
+
+
 def check_quantizable(name: str, w: torch.Tensor, scheme: QuantScheme) -> None:
     """Input checks every caller runs before quantizing `w` (the error names the tensor)."""
-    if w.shape[-1] % scheme.group_size:
-        raise QatctlError(f"{name}: input dimension {w.shape[-1]} (shape {tuple(w.shape)}) is not a "
-                          f"multiple of group_size {scheme.group_size}")
+    check_shape(name, w.shape, scheme)
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
         raise QatctlError(f"{name}: {bad} NaN/Inf value(s) in the weight")

@@ -68,7 +68,7 @@ def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int
     from safetensors import safe_open
 
     from qatctl.errors import QatctlError
-    from qatctl.quant import in_decoder_block, is_ignored
+    from qatctl.quant import check_shape, in_decoder_block, is_ignored
 
     ignored, n = ["lm_head"], 0
     for shard in shards:
@@ -77,9 +77,7 @@ def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int
                 shape = f.get_slice(key).get_shape()
                 module = _target_module(key, len(shape), scheme)
                 if module is not None:
-                    if shape[-1] % scheme.group_size:
-                        raise QatctlError(f"{ckpt / shard}: {module}: input dimension {shape[-1]} is not a "
-                                          f"multiple of group_size {scheme.group_size}")
+                    check_shape(f"{ckpt / shard}: {module}", shape, scheme)
                     n += 1
                 elif len(shape) == 2 and key.endswith(".weight"):
                     name = key[: -len(".weight")]
