@@ -25,7 +25,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
 
 
-def write_section(name: str, body: str) -> None:
+def write_section(name: str, lines: list[str]) -> None:
+    """Replace (or append) section `name` of docs/benchmarks.md with `lines`, and print it."""
+    body = "\n".join(lines)
+    print(body)
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nWritten by `make bench`; each section by one script in bench/.\n"
     block = f"{start}\n{body.strip()}\n{end}"

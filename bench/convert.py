@@ -65,9 +65,7 @@ def main() -> None:
     share = qp_s / stage_s
     lines += ["", f"Quantize + pack is {share:.0%} of the stage; the rest is safetensors read/write and the "
               "sha256 of every output file for the manifest. The issue asks for seconds on a 135M model."]
-    body = "\n".join(lines)
-    write_section("convert", body)
-    print(body)
+    write_section("convert", lines)
 
 
 if __name__ == "__main__":

@@ -121,9 +121,7 @@ def main() -> None:
               "- Limits: the fp32 lm_head is the largest single read per token (tied embeddings, 49152 x 576) "
               "and runs in fixed 8-row chunks for batch invariance; per-layer Python/op overhead "
               "(30 layers x ~20 ops) dominates at batch 1."]
-    body = "\n".join(lines)
-    write_section("engine", body)
-    print(body)
+    write_section("engine", lines)
 
 
 if __name__ == "__main__":

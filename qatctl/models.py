@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from qatctl.errors import QatctlError
-from qatctl.quant import QuantScheme, check_quantizable, check_shape, fake_quant, fake_quant_value, is_target
+from qatctl.quant import QuantScheme, check_shape, fake_quant, fake_quant_value, is_target
 
 # Tiny random presets: every Linear input dim divides 128, so all group sizes apply.
 _TINY_COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -212,18 +211,14 @@ def quant_targets(model: nn.Module, scheme: QuantScheme):
                     yield f"{name}.{pname}", mod, pname
 
 
-def check_model_shapes(model: nn.Module, scheme: QuantScheme, check_values: bool = True) -> int:
-    """Raise naming the first target whose shape (or values) cannot be quantized; return the count.
+def check_model_shapes(model: nn.Module, scheme: QuantScheme) -> int:
+    """Raise naming the first target whose shape cannot be grouped; return the target count.
 
-    Works on a meta-device model (shapes only) with check_values=False.
+    Reads shapes only, so it runs on a meta-device model before any weight is loaded.
     """
     n = 0
     for name, mod, pname in quant_targets(model, scheme):
-        w = getattr(mod, pname)
-        if check_values:
-            check_quantizable(name, w, scheme)
-        else:
-            check_shape(name, w.shape, scheme)
+        check_shape(name, getattr(mod, pname).shape, scheme)
         n += 1
     return n
 
@@ -268,10 +263,3 @@ def materialize_fake_quant(model: nn.Module, scheme: QuantScheme) -> int:
         p.copy_(fake_quant_value(p, scheme))
         n += 1
     return n
-
-
-def set_threads_from_env() -> None:
-    """QATCTL_THREADS overrides torch's thread count (2-thread OpenMP is slower on tiny ops here)."""
-    n = os.environ.get("QATCTL_THREADS")
-    if n:
-        torch.set_num_threads(int(n))

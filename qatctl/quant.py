@@ -136,13 +136,18 @@ def check_quantizable(name: str, w: torch.Tensor, scheme: QuantScheme) -> None:
 
 def quantize(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., in] (any float dtype) -> (q int8 [..., in], scale bf16 [..., in / group_size])."""
-    divisor, qmin, qmax = SCALE_RULES[scheme.scale_rule]
+    _, qmin, qmax = SCALE_RULES[scheme.scale_rule]
+    unclamped, scale = _scaled(w, scheme)
+    return unclamped.clamp_(qmin, qmax).to(torch.int8).reshape(w.shape), scale
+
+
+def _scaled(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """round_half_even(w / scale) before the clamp, grouped [..., in/g, g], and the BF16 scale."""
     g = scheme.group_size
     wg = w.detach().to(torch.bfloat16).float().reshape(*w.shape[:-1], w.shape[-1] // g, g)
     amax = wg.abs().amax(dim=-1, keepdim=True)
-    scale = (amax / divisor).to(torch.bfloat16).clamp_min(BF16_TINY)
-    q = torch.round(wg / scale.float()).clamp_(qmin, qmax)
-    return q.to(torch.int8).reshape(w.shape), scale.squeeze(-1)
+    scale = (amax / SCALE_RULES[scheme.scale_rule][0]).to(torch.bfloat16).clamp_min(BF16_TINY)
+    return torch.round(wg / scale.float()), scale.squeeze(-1)
 
 
 def dequant(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -162,16 +167,14 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, scheme):
-        q, scale = quantize(w, scheme)
+        _, qmin, qmax = SCALE_RULES[scheme.scale_rule]
+        unclamped, scale = _scaled(w, scheme)
         if scheme.ste == "clipped":
             # Zero the gradient exactly where clamp changed q (torchao's masked STE). Never
             # happens under `kimi`; under `minmax` only when the BF16 scale rounded down.
-            _, qmin, qmax = SCALE_RULES[scheme.scale_rule]
-            g = scheme.group_size
-            wg = w.detach().to(torch.bfloat16).float().reshape(*w.shape[:-1], -1, g)
-            unclamped = torch.round(wg / scale.float().unsqueeze(-1))
             ctx.save_for_backward(((unclamped >= qmin) & (unclamped <= qmax)).reshape(w.shape))
         ctx.clipped = scheme.ste == "clipped"
+        q = unclamped.clamp_(qmin, qmax).reshape(w.shape)
         return dequant(q, scale, scheme.group_size).to(w.dtype)
 
     @staticmethod
@@ -202,16 +205,6 @@ def unpack(packed: torch.Tensor, shape) -> torch.Tensor:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     return unpack_from_int32(packed, BITS, torch.Size(shape))
-
-
-def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
-    w = w.float()
-    noise = (w - w_hat.float()).pow(2).sum().item()
-    signal = w.pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 @dataclass

@@ -83,7 +83,7 @@ def run(config: InitQatConfig) -> dict:
     from qatctl.ui import progress
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(models.load_config(src))
-    models.check_model_shapes(meta, scheme, check_values=False)
+    models.check_model_shapes(meta, scheme)
     del meta
 
     t0 = time.perf_counter()
