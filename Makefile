@@ -32,11 +32,12 @@ demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH bash recipes/demo.sh runs/demo
 
 lint: setup
-	$(BIN)/ruff check qatctl stages tests bench
+	$(BIN)/ruff check qatctl stages tests bench recipes
 
 bench: setup
 	$(BIN)/python bench/convert.py
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf runs .cache

@@ -134,12 +134,19 @@ class OutputDir:
         raise QatctlError(f"{self.path}: holds a {existing.get('stage')} output with a different config or "
                           "inputs; pass --force to replace it")
 
-    def building(self):
-        return _Building(self)
+    def building(self, resume: bool = False):
+        """Context giving the partial folder; `resume` keeps one left by a killed run of the
+        same config and inputs (training stages checkpoint inside it) instead of wiping it."""
+        return _Building(self, resume)
+
+    def _run_key(self) -> dict:
+        return {"stage": self.stage, "config": self.config,
+                "inputs": [(i["kind"], i["digest"]) for i in self.inputs]}
 
     def commit(self, tmp: Path, *, quant: dict | None = None, metrics: dict | None = None,
                extra: dict | None = None) -> dict:
         """Digest the files, write the manifest last, rename the folder into place."""
+        (tmp / RUN_KEY).unlink(missing_ok=True)
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "schema": SCHEMA, "stage": self.stage, "kind": self.kind, "status": "complete",
@@ -167,19 +174,31 @@ class OutputDir:
         return manifest
 
 
+RUN_KEY = ".qatctl-run.json"  # in a partial folder: the config and inputs it was started with
+
+
 class _Building:
-    def __init__(self, out: OutputDir):
-        self.out = out
+    def __init__(self, out: OutputDir, resume: bool):
+        self.out, self.resume = out, resume
 
     def __enter__(self) -> Path:
-        p = self.out.partial
-        shutil.rmtree(p, ignore_errors=True)  # a stale partial from a killed run is never resumed here
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.mkdir()
+        p, key = self.out.partial, self.out._run_key()
+        keep = False
+        if self.resume and (p / RUN_KEY).is_file():
+            try:
+                keep = json.loads((p / RUN_KEY).read_text()) == _normalized(key)
+            except json.JSONDecodeError:
+                keep = False
+        if not keep:
+            shutil.rmtree(p, ignore_errors=True)  # a stale partial of another run is never reused
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.mkdir()
+            (p / RUN_KEY).write_text(json.dumps(key))
         return p
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        # A resumable partial survives errors and interrupts; otherwise nothing half-written stays.
+        if exc_type is not None and not self.resume:
             shutil.rmtree(self.out.partial, ignore_errors=True)
         return False
 

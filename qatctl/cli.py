@@ -18,6 +18,7 @@ from qatctl import __version__
 from qatctl.errors import QatctlError
 from stages.convert_int4 import ConvertInt4Config
 from stages.init_qat import InitQatConfig
+from stages.train_sft_qat import TrainSftQatConfig
 
 app = typer.Typer(help="INT4 QAT -> INT4 checkpoint -> INT4 rollout -> RL update, one stage at a time.",
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -81,7 +82,8 @@ def _report(manifest: dict, as_json: bool, extra_tables=()) -> None:
     rows = [("stage", manifest["stage"]), ("kind", manifest["kind"]), ("status", status),
             ("inputs", [i.get("path", i.get("name")) for i in manifest.get("inputs", [])])]
     ui.show(ui.table(manifest.get("path", "result"), rows), *extra_tables)
-    metrics = {k: v for k, v in manifest.get("metrics", {}).items() if not isinstance(v, dict)}
+    metrics = {k: v for k, v in manifest.get("metrics", {}).items()
+               if not isinstance(v, dict) and not (isinstance(v, list) and len(v) > 8)}
     if metrics:
         ui.show(ui.table("metrics", metrics.items(), ("metric", "value")))
 
@@ -125,6 +127,82 @@ def convert_int4(
 
     manifest = _run(stage.run, ConvertInt4Config(ckpt=ckpt, out=out, force=force))
     _report({**manifest, "path": str(out)}, json_)
+
+
+T = TrainSftQatConfig
+
+
+@app.command("train-sft-qat")
+def train_sft_qat(
+    ckpt: Annotated[Path, typer.Argument(help="A qat-checkpoint folder.")],
+    data: Annotated[Path, typer.Option(help="JSONL: {messages} or {prompt, completion} per line.")],
+    out: Out,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: one epoch).")] = T.steps,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data, when --steps is not given.")] = T.epochs,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step, over all ranks.")] = T.batch_size,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per forward/backward (gradient accumulation).")] = T.micro_batch,
+    max_seq_len: Annotated[int, typer.Option(help="Truncate longer examples (counted in the metrics).")] = T.max_seq_len,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = T.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = T.weight_decay,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay.")] = T.warmup_steps,
+    min_lr_ratio: Annotated[float, typer.Option(help="Final LR as a fraction of --lr.")] = T.min_lr_ratio,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: off).")] = T.max_grad_norm,
+    seed: Annotated[int, typer.Option(help="Data order and RNG seed.")] = T.seed,
+    fake_quant_after: Annotated[int, typer.Option(help="Train this many steps before fake quant switches on.")] = T.fake_quant_after,
+    no_fake_quant: Annotated[bool, typer.Option("--no-fake-quant", help="Plain BF16 baseline (no fake quant).")] = T.no_fake_quant,
+    save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = T.save_every,
+    deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config (ZeRO 1/2); launch with deepspeed or torchrun.")] = T.deepspeed,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = T.device,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last checkpoint (default) or start over.")] = T.resume,
+    force: Force = False,
+    json_: Json = False,
+):
+    """Fine-tune a qat-checkpoint through fake INT4 weights (STE); resumes after a kill by default."""
+    from stages import train_sft_qat as stage
+
+    config = TrainSftQatConfig(
+        ckpt=ckpt, data=data, out=out, steps=steps, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
+        max_seq_len=max_seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        min_lr_ratio=min_lr_ratio, max_grad_norm=max_grad_norm, seed=seed, fake_quant_after=fake_quant_after,
+        no_fake_quant=no_fake_quant, save_every=save_every, deepspeed=deepspeed, device=device, resume=resume,
+        force=force)
+    manifest = _run(stage.run, config)
+    if manifest.get("rank", 0) != 0:
+        return
+    _report({**manifest, "path": str(out)}, json_)
+
+
+@app.command("accuracy")
+def accuracy(
+    model: Annotated[Path, typer.Argument(help="An int4-checkpoint (INT4 kernel) or a qat-checkpoint (dense fp32).")],
+    prompts: Annotated[Path, typer.Option(help="JSONL with prompt or messages, and answer.")],
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per answer.")] = 32,
+    reward: Annotated[str, typer.Option(help="exact-number, boxed, or module:function.")] = "exact-number",
+    json_: Json = False,
+):
+    """Greedy exact-match accuracy of a checkpoint on a prompt set, with the embedded engine."""
+
+    def measure(_):
+        from qatctl import data, rl
+        from qatctl.artifacts import read_artifact
+        from qatctl.engines import load_engine
+
+        art = read_artifact(model, ("int4-checkpoint", "qat-checkpoint"))
+        score = rl.load_reward(reward)
+        engine = load_engine(model, weights="int4" if art.kind == "int4-checkpoint" else "fp32")
+        rows = data.load_prompts(prompts, engine.tokenizer)[:limit]
+        result = rl.exact_match_accuracy(engine, rows, score, max_new_tokens=max_new_tokens)
+        return {"model": str(model), "kind": art.kind, "kernel": engine.kernel, **result}
+
+    result = _run(measure, None)
+    from qatctl import ui
+
+    if json_:
+        ui.emit_json(result)
+        return
+    ui.show(ui.table(f"accuracy of {model}", [(k, result[k]) for k in ("kind", "kernel", "correct", "total",
+                                                                      "accuracy")]))
 
 
 @app.command("inspect")

@@ -229,9 +229,16 @@ class FakeQuant(nn.Module):
     def __init__(self, scheme: QuantScheme):
         super().__init__()
         self.scheme = scheme
+        self.enabled = True  # off during a delayed start (--fake-quant-after)
 
     def forward(self, w):
-        return fake_quant(w, self.scheme)
+        return fake_quant(w, self.scheme) if self.enabled else w
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    for mod in model.modules():
+        if isinstance(mod, FakeQuant):
+            mod.enabled = enabled
 
 
 def apply_fake_quant(model: nn.Module, scheme: QuantScheme) -> int:

@@ -172,7 +172,9 @@ class _FakeQuantSTE(torch.autograd.Function):
         if scheme.ste == "clipped":
             # Zero the gradient exactly where clamp changed q (torchao's masked STE). Never
             # happens under `kimi`; under `minmax` only when the BF16 scale rounded down.
-            ctx.save_for_backward(((unclamped >= qmin) & (unclamped <= qmax)).reshape(w.shape))
+            # Kept on ctx, not save_for_backward: a step that fake-quantizes once
+            # (parametrize.cached) backpropagates through this node once per micro-batch.
+            ctx.mask = ((unclamped >= qmin) & (unclamped <= qmax)).reshape(w.shape)
         ctx.clipped = scheme.ste == "clipped"
         q = unclamped.clamp_(qmin, qmax).reshape(w.shape)
         return dequant(q, scale, scheme.group_size).to(w.dtype)
@@ -180,8 +182,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.clipped:
-            (mask,) = ctx.saved_tensors
-            return grad * mask, None
+            return grad * ctx.mask, None
         return grad, None
 
 

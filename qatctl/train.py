@@ -1,0 +1,302 @@
+"""The optimizer step shared by train-sft-qat and rl-step: plain torch or DeepSpeed.
+
+    trainer = make_trainer(model, OptimSettings(...), total_steps, deepspeed_config=None)
+    stats = trainer.step(micro_batches, loss_fn)   # loss_fn(model, micro_batch) -> (loss, info)
+
+One optimizer step = forward/backward over every micro-batch (gradient accumulation), clip,
+AdamW, LR schedule. The loss a loss_fn returns must already be normalized for the whole step
+(e.g. summed over the step's tokens and divided by their count), so gradients add up the same
+way whatever the micro-batch size or the number of DeepSpeed ranks.
+
+Fake quant runs once per optimizer step: the step runs under `parametrize.cached()`, so every
+target weight is fake-quantized at its first use and the cached w_hat serves every micro-batch
+(the STE backward is the identity or a mask, so backpropagating through it once per
+micro-batch is exact).
+
+Checkpoints (`save_state` / `load_state`) hold fp32 masters, optimizer, scheduler and RNG
+states; a step folder is written as `NAME.tmp` and renamed, so the latest complete one is
+always readable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+
+from qatctl.errors import QatctlError
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from 1 to min_ratio at step total - 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - 1 - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def device_and_dtype(device: str) -> tuple[torch.device, torch.dtype]:
+    """CPU: fp32 masters and compute (BF16 matmul is far slower on AVX2). CUDA: BF16 masters."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QatctlError("--device cuda: no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise QatctlError(f"--device {device!r}: expected auto, cpu or cuda")
+    return torch.device(device), (torch.float32 if device == "cpu" else torch.bfloat16)
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (deepspeed / torchrun set them)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Trainer:
+    """Plain torch: AdamW + warmup/cosine LambdaLR + clip_grad_norm_."""
+
+    backend = "torch"
+
+    def __init__(self, model, settings: OptimSettings, total_steps: int, micro_batches_per_step: int):
+        self.model, self.settings = model, settings
+        self.rank, self.world = 0, 1
+        self.accum = micro_batches_per_step
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas,
+                                           weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, settings.warmup_steps, total_steps, settings.min_lr_ratio))
+        self.autocast = next(model.parameters()).device.type == "cuda"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's share of a step's micro-batches (all of them without DeepSpeed)."""
+        return items[self.rank::self.world]
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, micro_batches: list, loss_fn) -> dict:
+        """One optimizer step over this rank's micro-batches; returns loss, grad norm, LR used."""
+        lr = self.lr()
+        total, infos = 0.0, []
+        with parametrize.cached():
+            for mb in self.shard(micro_batches):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    loss, info = loss_fn(self.model, mb)
+                self._backward(loss)
+                total += float(loss.detach())
+                infos.append(info)
+        grad_norm = self._update()
+        return {"loss": self.reduce_sum(total), "grad_norm": grad_norm, "lr": lr, "infos": infos}
+
+    def _backward(self, loss):
+        loss.backward()
+
+    def _update(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def reduce_sum(self, x: float) -> float:
+        return x
+
+    def barrier(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ checkpoints
+    def save_state(self, folder: Path, meta: dict) -> None:
+        """Write step state into folder (created here); meta.json last marks it complete."""
+        folder.mkdir(parents=True)
+        torch.save(self.model.state_dict(), folder / "model.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
+        _save_rng(folder / "rng.pt")
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+    def load_state(self, folder: Path) -> dict:
+        self.model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        opt = torch.load(folder / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        _load_rng(folder / "rng.pt")
+        return json.loads((folder / "meta.json").read_text())
+
+
+class DeepSpeedTrainer(Trainer):
+    """The same step under a DeepSpeed engine (ZeRO 1/2), one process per rank.
+
+    Launched by `deepspeed` or `torchrun`; on a machine without CUDA it runs DeepSpeed's CPU
+    accelerator with gloo. The engine averages gradients over ranks and divides the loss by its
+    accumulation steps, so each rank's loss is scaled back up to keep the step's sum.
+    """
+
+    backend = "deepspeed"
+
+    def __init__(self, model, settings: OptimSettings, total_steps: int, micro_batches_per_step: int,
+                 config_path: Path, micro_batch: int):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import deepspeed
+        except ImportError:
+            raise QatctlError("--deepspeed: the deepspeed package is not installed "
+                              "(pip install 'qatctl[deepspeed]' with DS_BUILD_OPS=0)") from None
+        import torch.distributed as dist
+
+        self.rank, self.world = dist_env()
+        if micro_batches_per_step % self.world:
+            raise QatctlError(f"--deepspeed: {micro_batches_per_step} micro-batches per step do not split over "
+                              f"{self.world} ranks (make batch_size a multiple of micro_batch x ranks)")
+        gas = micro_batches_per_step // self.world
+        ds_config = _deepspeed_config(config_path, micro_batch, gas, self.world, settings.max_grad_norm)
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        super().__init__(model, settings, total_steps, micro_batches_per_step)
+        self.rank, self.world = dist_env()  # the base class set the single-process values
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config)
+        self.model = self.engine.module
+        self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.scale = gas * self.world
+
+    def _backward(self, loss):
+        self.engine.backward(loss * self.scale)
+        self.engine.step()  # DeepSpeed steps only at the accumulation boundary
+
+    def _update(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def reduce_sum(self, x: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def save_state(self, folder: Path, meta: dict) -> None:
+        # Every rank writes its ZeRO partition; rank 0 writes meta.json after all are done.
+        self.engine.save_checkpoint(str(folder), tag="ds", client_state={"meta": meta})
+        self.barrier()
+        if self.is_main:
+            _save_rng(folder / "rng.pt")
+            (folder / "meta.json").write_text(json.dumps(meta))
+        self.barrier()
+
+    def load_state(self, folder: Path) -> dict:
+        self.engine.load_checkpoint(str(folder), tag="ds")
+        _load_rng(folder / "rng.pt")
+        return json.loads((folder / "meta.json").read_text())
+
+
+def _deepspeed_config(path: Path, micro_batch: int, gas: int, world: int, max_grad_norm: float) -> dict:
+    """The user's DeepSpeed JSON with the batch keys filled from ours; a contradiction is an error."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise QatctlError(f"{path}: no such DeepSpeed config") from None
+    except json.JSONDecodeError as e:
+        raise QatctlError(f"{path}: not valid JSON ({e})") from None
+    ours = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": gas,
+            "train_batch_size": micro_batch * gas * world, "gradient_clipping": max_grad_norm}
+    for key, value in ours.items():
+        if key in cfg and cfg[key] not in ("auto", value):
+            raise QatctlError(f"{path}: {key}={cfg[key]!r} contradicts the command line ({value}); "
+                              "set it to \"auto\" or drop it")
+        cfg[key] = value
+    if cfg.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2):
+        # Measured: under ZeRO-3 the parametrized (fake-quant) weights train, but DeepSpeed's
+        # global grad norm comes out different from the plain loop's, so clipping differs.
+        raise QatctlError(f"{path}: zero_optimization.stage={cfg['zero_optimization']['stage']} is not supported "
+                          "(ZeRO 0, 1 or 2)")
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise QatctlError(f"{path}: remove {key!r}: qatctl passes its own AdamW and warmup/cosine schedule")
+    for key in ("fp16", "bf16"):
+        if cfg.get(key, {}).get("enabled") and not torch.cuda.is_available():
+            raise QatctlError(f"{path}: {key}.enabled needs a GPU; on CPU qatctl trains fp32 masters")
+    return cfg
+
+
+def make_trainer(model, settings: OptimSettings, total_steps: int, batch_size: int, micro_batch: int,
+                 deepspeed_config: Path | None = None) -> Trainer:
+    if batch_size % micro_batch:
+        raise QatctlError(f"--batch-size {batch_size} is not a multiple of --micro-batch {micro_batch}")
+    n_micro = batch_size // micro_batch
+    if deepspeed_config is None:
+        return Trainer(model, settings, total_steps, n_micro)
+    return DeepSpeedTrainer(model, settings, total_steps, n_micro, deepspeed_config, micro_batch)
+
+
+# ---------------------------------------------------------------- step folders
+
+def latest_state(root: Path) -> Path | None:
+    """The newest complete step folder (step-NNNNNN with meta.json), or None."""
+    done = [p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "meta.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_step(trainer: Trainer, root: Path, step: int, meta: dict, keep: int = 1) -> Path:
+    """Write step-NNNNNN atomically (tmp folder, rename) and drop older ones beyond `keep`."""
+    final = root / f"step-{step:06d}"
+    tmp = root / f"step-{step:06d}.tmp"
+    if trainer.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    trainer.barrier()
+    trainer.save_state(tmp, meta)
+    if trainer.is_main:
+        os.replace(tmp, final)
+        olds = sorted((p for p in root.glob("step-*") if p != final and not p.name.endswith(".tmp")),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for p in olds[: max(0, len(olds) - keep + 1)]:
+            shutil.rmtree(p, ignore_errors=True)
+    trainer.barrier()
+    return final
+
+
+def _save_rng(path: Path) -> None:
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, path)
+
+
+def _load_rng(path: Path) -> None:
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def settings_dict(s: OptimSettings) -> dict:
+    return asdict(s)

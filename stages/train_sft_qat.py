@@ -1,0 +1,266 @@
+"""train-sft-qat: supervised fine-tuning through fake INT4 weights (STE), resumable.
+
+Reads:  CKPT, a `qat-checkpoint` (its manifest carries the quant scheme), and --data FILE.jsonl
+        with `{"messages": [...]}` (loss on assistant turns, the checkpoint's chat template) or
+        `{"prompt", "completion"}` (loss on the completion).
+Writes: a `qat-checkpoint` (BF16 HF folder) with `metrics.jsonl` (one line per step) and a
+        manifest holding the loss curve, tokens/s and wall time, and whether fake quant was on.
+
+Every `--save-every` steps the full training state (fp32 masters, AdamW, schedule, RNG, step)
+is written atomically inside OUT.partial/state/; re-running the same command after a kill
+resumes from it (the default; --no-resume starts over), and the result is bit-identical to an
+uninterrupted run on CPU.
+
+    qatctl train-sft-qat runs/demo/init --data recipes/data/arith-train.jsonl --out runs/demo/sft \\
+        --steps 60 --batch-size 8 --micro-batch 8 --lr 5e-5
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qatctl.artifacts import OutputDir, read_artifact
+from qatctl.errors import QatctlError
+
+STAGE, KIND = "train-sft-qat", "qat-checkpoint"
+
+
+@dataclass(frozen=True)
+class TrainSftQatConfig:
+    ckpt: Path  # a qat-checkpoint
+    data: Path  # JSONL: messages, or prompt + completion
+    out: Path
+    steps: int | None = None  # optimizer steps; default: one epoch (or --epochs)
+    epochs: float | None = None  # passes over the data, used when steps is not given
+    batch_size: int = 8  # sequences per optimizer step, over all ranks
+    micro_batch: int = 4  # sequences per forward/backward (gradient accumulation in between)
+    max_seq_len: int = 512  # tokens; longer examples are truncated (counted in the metrics)
+    lr: float = 2e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then cosine decay
+    min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    seed: int = 0  # data order and RNG
+    fake_quant_after: int = 0  # steps trained without fake quant before it switches on
+    no_fake_quant: bool = False  # plain BF16 baseline through the same code
+    save_every: int = 50  # steps between resumable checkpoints
+    deepspeed: Path | None = None  # DeepSpeed JSON config (ZeRO 1/2); launch with deepspeed/torchrun
+    device: str = "auto"  # auto, cpu or cuda
+    resume: bool = True  # continue from OUT.partial's last checkpoint of the same run
+    force: bool = False  # replace an existing output made with other config/inputs
+
+    def recorded(self) -> dict:
+        d = asdict(self)
+        for k in ("out", "force", "resume"):
+            del d[k]
+        return d
+
+
+def _validate(c: TrainSftQatConfig) -> None:
+    for name in ("batch_size", "micro_batch", "max_seq_len", "save_every"):
+        if getattr(c, name) < 1:
+            raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
+    if c.steps is not None and c.steps < 1:
+        raise QatctlError(f"--steps {c.steps}: must be >= 1")
+    if c.epochs is not None and c.epochs <= 0:
+        raise QatctlError(f"--epochs {c.epochs}: must be > 0")
+    if c.steps is not None and c.epochs is not None:
+        raise QatctlError("--steps and --epochs: give one, not both")
+    if c.lr <= 0:
+        raise QatctlError(f"--lr {c.lr}: must be > 0")
+    if c.fake_quant_after < 0:
+        raise QatctlError(f"--fake-quant-after {c.fake_quant_after}: must be >= 0")
+    if c.no_fake_quant and c.fake_quant_after:
+        raise QatctlError("--no-fake-quant and --fake-quant-after: give one, not both")
+    if c.batch_size % c.micro_batch:
+        raise QatctlError(f"--batch-size {c.batch_size} is not a multiple of --micro-batch {c.micro_batch}")
+    if c.deepspeed is not None and not Path(c.deepspeed).is_file():
+        raise QatctlError(f"{c.deepspeed}: no such DeepSpeed config")
+
+
+def step_examples(n_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of the examples optimizer step `step` trains on.
+
+    The stream is one seeded permutation per epoch, concatenated; a step's examples depend on
+    (seed, step) only, so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n_examples)
+        out.append(_epoch_order(n_examples, seed, epoch)[pos])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_examples, generator=g).tolist()
+
+
+def sft_loss(model, mb):
+    """Token cross-entropy on trained tokens, summed and divided by the step's trained-token count."""
+    import torch.nn.functional as F
+
+    ids, labels, mask, step_tokens = mb
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss / step_tokens, {"tokens": int(mask.sum())}
+
+
+def run(config: TrainSftQatConfig) -> dict:
+    _validate(config)
+    src = read_artifact(config.ckpt, "qat-checkpoint")
+    from qatctl.quant import QuantScheme
+
+    scheme = QuantScheme.from_manifest(src.manifest.get("quant") or {}, str(config.ckpt))
+    out = OutputDir(config.out, stage=STAGE, kind=KIND, config=config.recorded(),
+                    inputs=[src.as_input(), _data_input(config.data)], force=config.force)
+    if (done := out.up_to_date()) is not None:
+        return {**done, "up_to_date": True}
+
+    from transformers import AutoTokenizer
+
+    from qatctl import data
+
+    tokenizer = AutoTokenizer.from_pretrained(config.ckpt)
+    examples = data.load_sft(config.data, tokenizer, config.max_seq_len)  # bad lines fail before weights load
+    total = config.steps or max(1, math.ceil((config.epochs or 1.0) * len(examples) / config.batch_size))
+
+    import torch
+
+    from qatctl import models
+    from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer
+
+    device, dtype = device_and_dtype(config.device)
+    torch.manual_seed(config.seed)
+    model, _ = models.load_checkpoint(config.ckpt, dtype=dtype)
+    model.to(device).train()
+    fake_quant = not config.no_fake_quant
+    n_targets = models.apply_fake_quant(model, scheme) if fake_quant else 0
+    settings = OptimSettings(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+                             min_lr_ratio=config.min_lr_ratio, max_grad_norm=config.max_grad_norm)
+    trainer = make_trainer(model, settings, total, config.batch_size, config.micro_batch, config.deepspeed)
+    rank, _ = dist_env()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def batches(step: int):
+        chosen = [examples[i] for i in step_examples(len(examples), step, config.batch_size, config.seed)]
+        step_tokens = sum(sum(t != data.IGNORE for t in e.labels[1:]) for e in chosen)
+        mbs = []
+        for i in range(0, len(chosen), config.micro_batch):
+            ids, labels, mask = data.collate(chosen[i:i + config.micro_batch], pad_id)
+            mbs.append((ids.to(device), labels.to(device), mask.to(device), step_tokens))
+        return mbs
+
+    with _partial(out, trainer) as tmp:
+        state_root = tmp / "state"
+        history, start = _resume(trainer, state_root, config.resume)
+        if trainer.is_main:
+            _rewrite_metrics(tmp / "metrics.jsonl", history)
+        t_start = time.perf_counter()
+        wall_before = history[-1]["wall_seconds"] if history else 0.0
+        from qatctl.ui import progress
+
+        with progress(transient=False) as bar:
+            task = bar.add_task("train-sft-qat", total=total, completed=start, info="")
+            for step in range(start, total):
+                qat_on = fake_quant and step >= config.fake_quant_after
+                models.set_fake_quant(trainer.model, qat_on)
+                t0 = time.perf_counter()
+                stats = trainer.step(batches(step), sft_loss)
+                dt = time.perf_counter() - t0
+                tokens = trainer.reduce_sum(sum(i["tokens"] for i in stats["infos"]))
+                row = {"step": step + 1, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                       "tokens": int(tokens), "tokens_per_s": tokens / dt, "fake_quant": qat_on,
+                       "wall_seconds": wall_before + time.perf_counter() - t_start}
+                history.append(row)
+                if trainer.is_main:
+                    with open(tmp / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.update(task, advance=1, info=f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                                                 f"{row['tokens_per_s']:.0f} tok/s")
+                if (step + 1) % config.save_every == 0 and step + 1 < total:
+                    from qatctl.train import save_step
+
+                    save_step(trainer, state_root, step + 1, {"step": step + 1, "history": history})
+        if not trainer.is_main:
+            trainer.barrier()
+            return {"status": "complete", "rank": rank}
+        models.remove_fake_quant(trainer.model)
+        models.save_checkpoint(trainer.model, tokenizer, tmp)
+        shutil.rmtree(state_root, ignore_errors=True)
+        metrics = _summary(history, examples, n_targets, trainer)
+        manifest = out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics,
+                              extra={"training": {"fake_quant": fake_quant,
+                                                  "fake_quant_after": config.fake_quant_after}})
+    trainer.barrier()
+    return manifest
+
+
+def _data_input(path: Path) -> dict:
+    from qatctl.artifacts import sha256_file
+
+    if not Path(path).is_file():
+        raise QatctlError(f"{path}: no such data file")
+    return {"path": str(path), "kind": "data", "digest": sha256_file(Path(path))}
+
+
+class _partial:
+    """Rank 0 owns OUT.partial (kept for resume); other ranks write their ZeRO shards into it."""
+
+    def __init__(self, out: OutputDir, trainer):
+        self.out, self.trainer, self.ctx = out, trainer, None
+
+    def __enter__(self) -> Path:
+        if self.trainer.is_main:
+            self.ctx = self.out.building(resume=True)
+            path = self.ctx.__enter__()
+        self.trainer.barrier()
+        return path if self.trainer.is_main else self.out.partial
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def _resume(trainer, state_root: Path, resume: bool) -> tuple[list, int]:
+    from qatctl.train import latest_state
+    from qatctl.ui import console
+
+    latest = latest_state(state_root) if state_root.is_dir() else None
+    if latest is None or not resume:
+        if latest is not None and trainer.is_main:
+            shutil.rmtree(state_root, ignore_errors=True)
+        trainer.barrier()
+        return [], 0
+    meta = trainer.load_state(latest)
+    if trainer.is_main:
+        console.print(f"resuming from {latest} (step {meta['step']})")
+    return meta["history"], meta["step"]
+
+
+def _rewrite_metrics(path: Path, history: list) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+
+def _summary(history: list, examples, n_targets: int, trainer) -> dict:
+    losses = [r["loss"] for r in history]
+    tokens = sum(r["tokens"] for r in history)
+    step_seconds = [r["tokens"] / r["tokens_per_s"] for r in history if r["tokens_per_s"] > 0]
+    return {
+        "steps": len(history), "examples": len(examples), "truncated_examples": sum(e.truncated for e in examples),
+        "first_loss": losses[0], "final_loss": losses[-1], "loss_curve": losses,
+        "tokens": tokens, "tokens_per_s": tokens / sum(step_seconds) if step_seconds else None,
+        "wall_seconds": history[-1]["wall_seconds"], "fake_quant_targets": n_targets,
+        "fake_quant_steps": sum(r["fake_quant"] for r in history), "backend": trainer.backend,
+        "world_size": trainer.world,
+    }
