@@ -18,6 +18,7 @@ from qatctl import __version__
 from qatctl.errors import QatctlError
 from stages.convert_int4 import ConvertInt4Config
 from stages.init_qat import InitQatConfig
+from stages.serve import ServeConfig
 from stages.train_sft_qat import TrainSftQatConfig
 
 app = typer.Typer(help="INT4 QAT -> INT4 checkpoint -> INT4 rollout -> RL update, one stage at a time.",
@@ -170,6 +171,33 @@ def train_sft_qat(
     if manifest.get("rank", 0) != 0:
         return
     _report({**manifest, "path": str(out)}, json_)
+
+
+S = ServeConfig
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    ckpt: Annotated[Path, typer.Argument(help="An int4-checkpoint folder.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = S.host,
+    port: Annotated[int, typer.Option(help="TCP port.")] = S.port,
+    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY'.")] = S.api_key,
+    backend: Annotated[str, typer.Option(help="embedded (CPU int4 kernel, this process) or sglang (GPU).")] = S.backend,
+    weights: Annotated[str, typer.Option(help="embedded: int4, or fp32/bf16 dense baselines.")] = S.weights,
+    max_batch: Annotated[int, typer.Option(help="Requests per decode batch.")] = S.max_batch,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long to gather requests after the first.")] = S.batch_wait_ms,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads for the engine.")] = S.threads,
+    model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models.")] = S.model_name,
+):
+    """Serve an INT4 checkpoint over HTTP (SGLang-native /generate + OpenAI routes). Extra
+    arguments after `--` go to sglang.launch_server with --backend sglang."""
+    from stages import serve as stage
+
+    config = ServeConfig(ckpt=ckpt, host=host, port=port, api_key=api_key, backend=backend, weights=weights,
+                         max_batch=max_batch, batch_wait_ms=batch_wait_ms, threads=threads, model_name=model_name,
+                         sglang_args=tuple(ctx.args))
+    _run(stage.run, config)
 
 
 @app.command("accuracy")

@@ -279,7 +279,10 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ interface
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 on_token=None) -> list[Completion]:
+        """on_token(i, token_id, logprob), if given, is called as each token of prompt i is sampled
+        (the server streams with it)."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         B = len(prompts)
         for i, p in enumerate(prompts):
@@ -303,6 +306,8 @@ class EmbeddedEngine:
                 o.output_ids.append(tok)
                 o.logprobs.append(lp)
                 next_tokens.append(tok)
+                if on_token is not None:
+                    on_token(b, tok, lp)
             still = []
             for b in active:
                 o, sp = outs[b], params[b]

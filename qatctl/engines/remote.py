@@ -1,0 +1,107 @@
+"""An engine over HTTP: SGLang's native API (or `qatctl serve`, which speaks the same subset).
+
+    engine = RemoteEngine("http://127.0.0.1:30000", tokenizer=tok)
+    engine.update_weights_from_disk("runs/loop/int4-3")
+    outs = engine.generate([prompt_ids], SamplingParams(temperature=1.0, seed=7))
+
+generate: POST /generate with `input_ids` (a batch), per-prompt `sampling_params` (the seed
+goes as `sampling_seed`), `return_logprob: true`; logprobs come from
+`meta_info.output_token_logprobs` ([logprob, token_id, text|null] per token). score: POST
+/generate with the prompt + completion as input, `max_new_tokens: 0` and `logprob_start_len`
+at the completion, read from `meta_info.input_token_logprobs`.
+"""
+
+from __future__ import annotations
+
+from qatctl.engines import Completion, SamplingParams
+from qatctl.errors import QatctlError
+
+
+class RemoteEngine:
+    kernel = "remote"
+
+    def __init__(self, url: str, tokenizer=None, api_key: str | None = None, timeout: float = 600.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.tokenizer = tokenizer
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _post(self, route: str, body: dict):
+        import httpx
+
+        try:
+            r = self.http.post(route, json=body)
+        except httpx.HTTPError as e:
+            raise QatctlError(f"{self.url}{route}: {e.__class__.__name__}: {e}", exit_code=1) from None
+        if r.status_code != 200:
+            raise QatctlError(f"{self.url}{route}: HTTP {r.status_code}: {r.text[:300]}", exit_code=1)
+        return r.json()
+
+    def health(self) -> bool:
+        import httpx
+
+        try:
+            return self.http.get("/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def info(self) -> dict:
+        r = self.http.get("/get_model_info")
+        return {"engine": "remote", "url": self.url, **(r.json() if r.status_code == 200 else {})}
+
+    def update_weights_from_disk(self, model_path: str) -> str:
+        import httpx
+
+        try:
+            r = self.http.post("/update_weights_from_disk", json={"model_path": str(model_path)})
+        except httpx.HTTPError as e:
+            raise QatctlError(f"{self.url}/update_weights_from_disk: {e}", exit_code=1) from None
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != 200 or not body.get("success"):
+            raise QatctlError(f"{self.url}/update_weights_from_disk {model_path}: "
+                              f"{body.get('message', r.text[:300])}", exit_code=1)
+        return body.get("message", "")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        body = {"input_ids": [list(p) for p in prompts], "sampling_params": [_native(sp) for sp in params],
+                "return_logprob": True}
+        out = self._post("/generate", body)
+        if len(out) != len(prompts):
+            raise QatctlError(f"{self.url}/generate: {len(out)} results for {len(prompts)} prompts", exit_code=1)
+        result = []
+        for p, r in zip(prompts, out, strict=True):
+            meta = r["meta_info"]
+            lps = meta.get("output_token_logprobs") or []
+            ids = r.get("output_ids") or [t for _, t, _ in lps]
+            fr = meta.get("finish_reason") or {}
+            result.append(Completion(prompt_ids=list(p), output_ids=list(ids), logprobs=[lp for lp, _, _ in lps],
+                                     finish_reason=fr.get("type", "length") if isinstance(fr, dict) else str(fr),
+                                     text=r.get("text", "")))
+        return result
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        result = []
+        for p, c in zip(prompts, completions, strict=True):
+            if not c:
+                result.append([])
+                continue
+            body = {"input_ids": list(p) + list(c), "return_logprob": True, "logprob_start_len": len(p),
+                    "sampling_params": {"max_new_tokens": 0, "temperature": 0}}
+            lps = self._post("/generate", body)["meta_info"]["input_token_logprobs"]
+            result.append([lp for lp, _, _ in lps][-len(c):])
+        return result
+
+
+def _native(sp: SamplingParams) -> dict:
+    d = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k if sp.top_k > 0 else -1,
+         "max_new_tokens": sp.max_new_tokens, "ignore_eos": sp.ignore_eos}
+    if sp.stop_token_ids:
+        d["stop_token_ids"] = list(sp.stop_token_ids)
+    if sp.stop:
+        d["stop"] = list(sp.stop)
+    if sp.seed is not None:
+        d["sampling_seed"] = sp.seed
+    return d

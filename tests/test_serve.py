@@ -1,0 +1,219 @@
+"""`qatctl serve` through a real uvicorn process on a free loopback port, the remote engine
+against it, and the SGLang launcher (without sglang installed)."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from conftest import REPO, make_int4, make_tiny
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, ckpt, *extra):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "qatctl.cli", "serve", ckpt, "--port", str(self.port),
+                                      *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("server did not come up")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def other_int4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    make_tiny("tiny-llama", root / "init", seed=1)
+    make_int4(root / "init", root / "int4")
+    return root / "int4"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pairs):
+    s = Served(tiny_pairs["tiny-llama"][1])
+    yield s
+    s.stop()
+
+
+def post(server, route, body, **kw):
+    return httpx.post(server.url + route, json=body, timeout=60, **kw)
+
+
+def test_health_models_info(server, tiny_pairs):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["data"][0]["id"] == tiny_pairs["tiny-llama"][1].name
+    info = httpx.get(server.url + "/get_model_info").json()
+    assert info["kernel"] == "aten._weight_int4pack_mm_for_cpu" and info["model_path"] == str(tiny_pairs["tiny-llama"][1])
+
+
+def test_generate_native_with_logprobs(server):
+    body = {"input_ids": [5, 6, 7, 8], "sampling_params": {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True},
+            "return_logprob": True}
+    r = post(server, "/generate", body).json()
+    meta = r["meta_info"]
+    assert len(r["output_ids"]) == 6 and meta["completion_tokens"] == 6 and meta["prompt_tokens"] == 4
+    assert meta["finish_reason"] == {"type": "length", "length": 6}
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == r["output_ids"]
+    assert all(lp <= 0 and text is None for lp, _, text in meta["output_token_logprobs"])
+    batch = post(server, "/generate", {"text": ["hello", "hi there"], "sampling_params": {"max_new_tokens": 3}}).json()
+    assert isinstance(batch, list) and len(batch) == 2 and all(len(b["output_ids"]) <= 3 for b in batch)
+    # Prompt logprobs (what RemoteEngine.score uses).
+    r = post(server, "/generate", {"input_ids": [5, 6, 7, 8], "return_logprob": True, "logprob_start_len": 2,
+                                   "sampling_params": {"max_new_tokens": 0}}).json()
+    assert [t for _, t, _ in r["meta_info"]["input_token_logprobs"]] == [7, 8] and r["output_ids"] == []
+
+
+def test_remote_engine_equals_in_process(server, tiny_pairs):
+    from qatctl.engines import SamplingParams, load_engine
+    from qatctl.engines.remote import RemoteEngine
+
+    local = load_engine(tiny_pairs["tiny-llama"][1])
+    remote = RemoteEngine(server.url, tokenizer=local.tokenizer)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40]]
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=s) for s in (1, 2, 3)]
+    a, b = local.generate(prompts, params), remote.generate(prompts, params)
+    for x, y in zip(a, b, strict=True):
+        assert x.output_ids == y.output_ids and x.logprobs == y.logprobs and x.finish_reason == y.finish_reason
+    completions = [o.output_ids for o in a]
+    assert local.score(prompts, completions) == remote.score(prompts, completions)
+
+
+def test_openai_routes_and_streaming(server):
+    chat = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8, "temperature": 0.7, "seed": 3,
+            "logprobs": True}
+    r = post(server, "/v1/chat/completions", chat).json()
+    assert r["object"] == "chat.completion" and r["choices"][0]["message"]["role"] == "assistant"
+    assert r["usage"]["completion_tokens"] == len(r["choices"][0]["logprobs"]["content"]) <= 8
+    text = r["choices"][0]["message"]["content"]
+
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=60) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = [ln[len("data: "):] for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+    comp = {"prompt": "abc", "max_tokens": 5, "temperature": 0}
+    r = post(server, "/v1/completions", comp).json()
+    assert r["object"] == "text_completion" and r["usage"]["prompt_tokens"] == 3
+    with httpx.stream("POST", server.url + "/v1/completions", json={**comp, "stream": True}, timeout=60) as s:
+        events = [ln[len("data: "):] for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == r["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/generate", b"{not json"),
+    ("/generate", {"sampling_params": {}}),
+    ("/generate", {"text": "a", "input_ids": [1]}),
+    ("/generate", {"text": "a", "sampling_params": {"temperature": -1}}),
+    ("/generate", {"input_ids": [1, 999999]}),
+    ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": "lots"}}),
+    ("/v1/completions", {"prompt": 3}),
+    ("/v1/completions", {"prompt": "a", "n": 2}),
+    ("/v1/chat/completions", {"messages": "hi"}),
+    ("/update_weights_from_disk", {}),
+])
+def test_bad_bodies_get_400_and_the_server_keeps_serving(server, route, body):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + route, timeout=30, **kw)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
+    assert post(server, "/generate", {"text": "ok", "sampling_params": {"max_new_tokens": 1}}).status_code == 200
+
+
+def test_concurrent_clients_are_batched(server):
+    def client(i):
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            outs = []
+            for j in range(10):
+                r = c.post("/generate", json={"input_ids": [3 + i, 4 + j], "return_logprob": True,
+                                              "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+                assert r.status_code == 200
+                outs.append(r.json()["output_ids"])
+            return outs
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(client, range(8)))
+    assert sum(len(r) for r in results) == 80
+    assert httpx.get(server.url + "/get_model_info").json()["largest_batch"] > 1
+    # Batch invariance: the same request alone gives the same tokens.
+    alone = post(server, "/generate", {"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 4,
+                                                                                 "temperature": 0}}).json()
+    assert alone["output_ids"] == results[0][0]
+
+
+def test_api_key(tiny_pairs):
+    s = Served(tiny_pairs["tiny-llama"][1], "--api-key", "sekret")
+    try:
+        body = {"text": "a", "sampling_params": {"max_new_tokens": 1}}
+        assert post(s, "/generate", body).status_code == 401
+        assert post(s, "/generate", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert post(s, "/generate", body, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_update_weights_from_disk_switches_checkpoints(tiny_pairs, other_int4):
+    from qatctl.engines import SamplingParams
+    from qatctl.engines.remote import RemoteEngine
+
+    s = Served(tiny_pairs["tiny-llama"][1])
+    try:
+        remote = RemoteEngine(s.url)
+        greedy = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+        before = remote.generate([[5, 6, 7]], greedy)[0]
+        assert "Succeeded" in remote.update_weights_from_disk(str(other_int4))
+        assert httpx.get(s.url + "/get_model_info").json()["model_path"] == str(other_int4)
+        after = remote.generate([[5, 6, 7]], greedy)[0]
+        assert after.logprobs != before.logprobs
+        r = post(s, "/update_weights_from_disk", {"model_path": str(tiny_pairs["tiny-llama"][0])})
+        assert r.status_code == 400 and r.json()["success"] is False and "int4-checkpoint" in r.json()["message"]
+        assert remote.generate([[5, 6, 7]], greedy)[0].logprobs == after.logprobs  # still the new weights
+    finally:
+        s.stop()
+
+
+def test_sglang_launcher_command_and_missing_sglang(tiny_pairs, tmp_path):
+    from test_cli import assert_usage_error
+
+    from conftest import qatctl
+    from stages.serve import ServeConfig, sglang_command
+
+    int4 = tiny_pairs["tiny-llama"][1]
+    cmd = sglang_command(ServeConfig(ckpt=int4, port=31000, api_key="k", sglang_args=("--tp-size", "2")), "py")
+    assert cmd == ["py", "-m", "sglang.launch_server", "--model-path", str(int4), "--host", "127.0.0.1", "--port",
+                   "31000", "--quantization", "compressed-tensors", "--dtype", "bfloat16", "--served-model-name",
+                   int4.name, "--api-key", "k", "--tp-size", "2"]
+    p = qatctl("serve", int4, "--backend", "sglang", check=False)
+    assert_usage_error(p, "sglang is not installed")
+    assert_usage_error(qatctl("serve", tiny_pairs["tiny-llama"][0], check=False), "expected a 'int4-checkpoint'")
