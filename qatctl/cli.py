@@ -17,6 +17,7 @@ import typer
 from qatctl import __version__
 from qatctl.errors import QatctlError
 from stages.convert_int4 import ConvertInt4Config
+from stages.eval_consistency import EvalConsistencyConfig
 from stages.init_qat import InitQatConfig
 from stages.serve import ServeConfig
 from stages.train_sft_qat import TrainSftQatConfig
@@ -170,6 +171,50 @@ def train_sft_qat(
     manifest = _run(stage.run, config)
     if manifest.get("rank", 0) != 0:
         return
+    _report({**manifest, "path": str(out)}, json_)
+
+
+E = EvalConsistencyConfig
+
+
+@app.command("eval-consistency")
+def eval_consistency(
+    train_ckpt: Annotated[Path, typer.Argument(help="The qat-checkpoint training sees.")],
+    infer_ckpt: Annotated[Optional[Path], typer.Argument(help="Its int4-checkpoint (or a qat-checkpoint for BF16 rollouts); optional with --ablation.")] = None,
+    prompts: Annotated[Path, typer.Option(help="JSONL with prompt or messages.")] = ...,
+    out: Out = ...,
+    rollouts: Annotated[Optional[Path], typer.Option(help="Score these rollouts (rollouts.jsonl) instead of generating.")] = E.rollouts,
+    engine_url: Annotated[Optional[str], typer.Option(help="Generate on a running SGLang / qatctl serve.")] = E.engine_url,
+    train_view: Annotated[str, typer.Option(help="auto (from the manifest), fake-int4 or bf16.")] = E.train_view,
+    ablation: Annotated[bool, typer.Option("--ablation", help="{fake-int4, bf16} x {int4, bf16} grid + engine floor.")] = E.ablation,
+    limit: Annotated[int, typer.Option(help="Use the first N prompts.")] = E.limit,
+    samples_per_prompt: Annotated[int, typer.Option(help="Completions per prompt.")] = E.samples_per_prompt,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = E.max_new_tokens,
+    temperature: Annotated[float, typer.Option(help="Inference-side sampling temperature.")] = E.temperature,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = E.seed,
+    max_abs_diff: Annotated[Optional[float], typer.Option(help="Exit 1 when the mean |dlogp| exceeds this.")] = E.max_abs_diff,
+    force: Force = False,
+    json_: Json = False,
+):
+    """Measure train <-> inference mismatch (|dlogp| per token, KL, agreement, weight bit-identity)."""
+    from stages import eval_consistency as stage
+
+    config = EvalConsistencyConfig(
+        train_ckpt=train_ckpt, infer_ckpt=infer_ckpt, prompts=prompts, out=out, rollouts=rollouts,
+        engine_url=engine_url, train_view=train_view, ablation=ablation, limit=limit,
+        samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+        max_abs_diff=max_abs_diff, force=force)
+    manifest = _run(stage.run, config)
+    if not json_ and (out / "report.json").is_file():
+        import json
+
+        from qatctl import ui
+
+        report = json.loads((out / "report.json").read_text())
+        arms = {**report["arms"], **({"engine floor (batched vs alone)": report["floor"]} if "floor" in report else {})}
+        cols = ("mean_abs_diff", "p99_abs_diff", "max_abs_diff", "k3_kl", "greedy_agreement", "tokens")
+        ui.show(ui.table(f"train <-> inference mismatch ({out}/report.md)",
+                         [(arm, *(m.get(c) for c in cols)) for arm, m in arms.items()], ("arm", *cols)))
     _report({**manifest, "path": str(out)}, json_)
 
 

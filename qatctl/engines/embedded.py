@@ -336,12 +336,14 @@ class EmbeddedEngine:
         return outs
 
     @torch.inference_mode()
-    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
-        """Per-token logprobs of each completion given its prompt (one pass per sequence)."""
-        result = []
+    def score(self, prompts: list[list[int]], completions: list[list[int]], with_argmax: bool = False):
+        """Per-token logprobs of each completion given its prompt (one pass per sequence); with
+        `with_argmax`, also the greedy (argmax) token at each position: (logprobs, argmax)."""
+        result, tops = [], []
         for p, c in zip(prompts, completions, strict=True):
             if not c:
                 result.append([])
+                tops.append([])
                 continue
             ids = list(p) + list(c)
             if len(ids) > self.max_pos:
@@ -350,7 +352,8 @@ class EmbeddedEngine:
             logits = self._logits(h[len(p) - 1:len(ids) - 1])
             lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
             result.append(lp.tolist())
-        return result
+            tops.append(logits.argmax(-1).tolist())
+        return (result, tops) if with_argmax else result
 
     def info(self) -> dict:
         return {"engine": "embedded", "model": str(self.folder), "model_type": self.model_type,

@@ -1,0 +1,202 @@
+"""Train <-> inference mismatch: train-side scoring, token metrics, the weight-level check, plots.
+
+Used by eval-consistency (the report) and rl-step (its per-step mismatch metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from qatctl.errors import QatctlError
+
+
+@torch.no_grad()
+def train_logprobs(model, prompts: list[list[int]], completions: list[list[int]], batch: int = 8):
+    """Per-token logprobs of each completion under an HF model, and its greedy (argmax) tokens.
+
+    Right-padded batches; the model is whatever view the caller prepared (fake-int4 weights
+    materialized, or the plain masters). Returns (logprobs, argmax) lists per sequence.
+    """
+    lps, tops = [], []
+    device = next(model.parameters()).device
+    for i in range(0, len(prompts), batch):
+        ps, cs = prompts[i:i + batch], completions[i:i + batch]
+        seqs = [list(p) + list(c) for p, c in zip(ps, cs, strict=True)]
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), T), dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for j, (p, c) in enumerate(zip(ps, cs, strict=True)):
+            if not c:
+                lps.append([])
+                tops.append([])
+                continue
+            rows = logp[j, len(p) - 1:len(p) + len(c) - 1]
+            lps.append(rows.gather(-1, torch.tensor(c, device=device).unsqueeze(-1)).squeeze(-1).tolist())
+            tops.append(rows.argmax(-1).tolist())
+    return lps, tops
+
+
+def _quantile(sorted_vals: list[float], q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    k = (len(sorted_vals) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+
+
+def mismatch_metrics(train: list[list[float]], infer: list[list[float]], train_top=None, infer_top=None) -> dict:
+    """Token-level |logp_train - logp_infer| statistics over completion tokens.
+
+    k3_kl estimates KL(infer || train) on tokens sampled by the inference side; log_ppl_diff is
+    mean(-logp_infer) - mean(-logp_train) (> 0: the trainer finds the rollouts likelier).
+    """
+    diffs, seq_means, k3, n_big = [], [], 0.0, 0
+    sum_t = sum_i = 0.0
+    for t, i in zip(train, infer, strict=True):
+        if len(t) != len(i):
+            raise QatctlError(f"mismatch: {len(t)} train vs {len(i)} inference logprobs for one sequence")
+        d = [abs(a - b) for a, b in zip(t, i, strict=True)]
+        diffs += d
+        if d:
+            seq_means.append(sum(d) / len(d))
+        for a, b in zip(t, i, strict=True):
+            r = a - b
+            k3 += math.exp(r) - 1 - r
+            sum_t, sum_i = sum_t + a, sum_i + b
+        n_big += sum(x > 0.1 for x in d)
+    n = len(diffs)
+    if n == 0:
+        raise QatctlError("mismatch: no completion tokens to compare")
+    s = sorted(diffs)
+    out = {"tokens": n, "sequences": len(seq_means), "mean_abs_diff": sum(diffs) / n, "p50_abs_diff": _quantile(s, 0.5),
+           "p99_abs_diff": _quantile(s, 0.99), "max_abs_diff": s[-1],
+           "seq_mean_abs_diff": sum(seq_means) / len(seq_means), "k3_kl": k3 / n,
+           "log_ppl_diff": (-sum_i + sum_t) / n, "frac_abs_diff_gt_0.1": n_big / n}
+    if train_top is not None and infer_top is not None:
+        pairs = [(a, b) for ta, ib in zip(train_top, infer_top, strict=True) for a, b in zip(ta, ib, strict=True)]
+        out["greedy_agreement"] = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+    return out
+
+
+def per_position(train: list[list[float]], infer: list[list[float]]) -> list[float]:
+    """Mean |Δlogp| at each completion position (over the sequences that reach it)."""
+    sums, counts = [], []
+    for t, i in zip(train, infer, strict=True):
+        for k, (a, b) in enumerate(zip(t, i, strict=True)):
+            if k == len(sums):
+                sums.append(0.0)
+                counts.append(0)
+            sums[k] += abs(a - b)
+            counts[k] += 1
+    return [s / c for s, c in zip(sums, counts, strict=True)]
+
+
+def weight_check(train_ckpt: Path, infer_ckpt: Path, view: str, scheme) -> dict:
+    """Compare, tensor by tensor, the weights the trainer computes with against the inference ones.
+
+    view 'fake-int4': fake_quant(master) vs the INT4 checkpoint's dequant(unpack(packed)) (or the
+    inference BF16 weight). view 'bf16': the BF16 master itself. Reads the on-disk tensors, so
+    fused MoE experts are compared per expert (the on-disk layout, which convert-int4 writes).
+    """
+    from safetensors import safe_open
+
+    from qatctl.quant import dequant, fake_quant_value, is_target, unpack
+
+    def tensors(folder: Path) -> dict:
+        out = {}
+        for shard in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                for k in f.keys():
+                    out[k] = (shard, k)
+        return out
+
+    def get(ref):
+        shard, key = ref
+        with safe_open(shard, "pt") as f:
+            return f.get_tensor(key)
+
+    train, infer = tensors(train_ckpt), tensors(infer_ckpt)
+    checked, different = 0, []
+    for key, ref in sorted(train.items()):
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        if module is None or not is_target(module, scheme):
+            continue
+        w = get(ref)
+        if w.ndim != 2:
+            continue
+        mine = fake_quant_value(w.to(torch.bfloat16), scheme) if view == "fake-int4" else w.to(torch.bfloat16)
+        if f"{module}.weight_packed" in infer:
+            q = unpack(get(infer[f"{module}.weight_packed"]), get(infer[f"{module}.weight_shape"]).tolist())
+            theirs = dequant(q, get(infer[f"{module}.weight_scale"]), scheme.group_size)
+        elif key in infer:
+            theirs = get(infer[key]).to(torch.bfloat16)
+        else:
+            different.append(f"{module} (missing in {infer_ckpt})")
+            checked += 1
+            continue
+        checked += 1
+        if mine.shape != theirs.shape or not torch.equal(mine, theirs):
+            different.append(module)
+    return {"tensors": checked, "identical": checked - len(different),
+            "identical_fraction": (checked - len(different)) / checked if checked else None,
+            "different": different[:50], "different_count": len(different)}
+
+
+def plots(folder: Path, diffs_by_arm: dict, positions_by_arm: dict, grid: dict | None = None) -> list[str]:
+    """PNG plots: |Δlogp| histogram, |Δlogp| by position, and the ablation grid if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, d in diffs_by_arm.items():
+        vals = [max(x, 1e-9) for x in d]
+        bins = [10 ** (k / 4) for k in range(-36, 5)]
+        ax.hist(vals, bins=bins, histtype="step", label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("|logp_train - logp_infer| (values < 1e-9 shown at 1e-9)")
+    ax.set_ylabel("tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "abs_diff_hist.png", dpi=100)
+    written.append("abs_diff_hist.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, pos in positions_by_arm.items():
+        ax.plot(range(len(pos)), pos, label=arm)
+    ax.set_xlabel("completion position")
+    ax.set_ylabel("mean |Δlogp|")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "abs_diff_by_position.png", dpi=100)
+    written.append("abs_diff_by_position.png")
+    plt.close(fig)
+
+    if grid:
+        views, rollouts = ["fake-int4", "bf16"], ["int4", "bf16"]
+        vals = [[grid[(v, r)] for r in rollouts] for v in views]
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        im = ax.imshow(vals, cmap="viridis")
+        ax.set_xticks(range(2), [f"rollout {r}" for r in rollouts])
+        ax.set_yticks(range(2), [f"train {v}" for v in views])
+        for a in range(2):
+            for b in range(2):
+                ax.text(b, a, f"{vals[a][b]:.2e}", ha="center", va="center", color="w")
+        ax.set_title("mean |Δlogp|")
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(folder / "ablation_grid.png", dpi=100)
+        written.append("ablation_grid.png")
+        plt.close(fig)
+    return written

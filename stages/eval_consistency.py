@@ -1,0 +1,291 @@
+"""eval-consistency: how far the policy training sees is from the model that rolls out.
+
+Reads:  TRAIN_CKPT, a `qat-checkpoint` (scored through fake INT4 weights, or its BF16 masters
+        when its manifest says it trained without fake quant, or as --train-view says);
+        INFER_CKPT, an `int4-checkpoint` (or a `qat-checkpoint` for a BF16-rollout arm), run by
+        the embedded engine or a server at --engine-url; --prompts FILE.jsonl.
+Writes: a `report`: report.json, report.md, PNG plots (|Δlogp| histogram, |Δlogp| by position,
+        the ablation grid), with token metrics and the weight-level check in the manifest.
+
+The inference side generates (seeded) completions and reports the logprob of each sampled
+token; the training side scores the same tokens. `--rollouts FILE` scores existing rollouts
+(rl-step's rollouts.jsonl) instead. `--ablation` measures, from TRAIN_CKPT alone, the grid
+{train view fake-int4, bf16} x {rollout int4, bf16} and the engine's own floor (the same INT4
+rollouts regenerated one prompt at a time instead of batched). `--max-abs-diff X` exits 1 when
+the mean |Δlogp| of the main arm exceeds X, after writing the report.
+
+    qatctl eval-consistency runs/demo/sft runs/demo/int4 --prompts recipes/data/arith-test.jsonl \\
+        --out runs/demo/consistency --max-abs-diff 0.05
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qatctl.artifacts import OutputDir, read_artifact, sha256_file
+from qatctl.errors import QatctlError
+
+STAGE, KIND = "eval-consistency", "report"
+VIEWS = ("fake-int4", "bf16")
+
+
+@dataclass(frozen=True)
+class EvalConsistencyConfig:
+    train_ckpt: Path  # qat-checkpoint
+    infer_ckpt: Path | None  # int4-checkpoint (or qat-checkpoint for BF16 rollouts); optional with --ablation
+    prompts: Path  # JSONL: prompt or messages (answers not needed)
+    out: Path
+    rollouts: Path | None = None  # score these rollouts (rollouts.jsonl) instead of generating
+    engine_url: str | None = None  # generate on a running server instead of the embedded engine
+    train_view: str = "auto"  # auto (from the manifest), fake-int4 or bf16
+    ablation: bool = False  # the 2x2 grid + engine floor, from train_ckpt alone
+    limit: int = 32  # prompts used (the first N)
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature of the inference side
+    seed: int = 0  # completion k of prompt i uses seed * 1_000_003 + i * samples + k
+    max_abs_diff: float | None = None  # gate: exit 1 when the main arm's mean |Δlogp| exceeds it
+    force: bool = False
+
+    def recorded(self) -> dict:
+        d = asdict(self)
+        del d["out"], d["force"], d["max_abs_diff"]  # the gate does not change the report
+        return d
+
+
+def _validate(c: EvalConsistencyConfig) -> None:
+    if c.train_view not in ("auto", *VIEWS):
+        raise QatctlError(f"--train-view {c.train_view!r}: expected auto, fake-int4 or bf16")
+    if c.infer_ckpt is None and not c.ablation:
+        raise QatctlError("INFER_CKPT is required (or pass --ablation to build the arms from TRAIN_CKPT)")
+    if c.ablation and (c.rollouts is not None or c.engine_url is not None):
+        raise QatctlError("--ablation generates its own rollouts on the embedded engine; drop --rollouts/--engine-url")
+    for name in ("limit", "samples_per_prompt"):
+        if getattr(c, name) < 1:
+            raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
+    if c.max_new_tokens < 1:
+        raise QatctlError(f"--max-new-tokens {c.max_new_tokens}: must be >= 1")
+    if c.rollouts is not None and not Path(c.rollouts).is_file():
+        raise QatctlError(f"{c.rollouts}: no such rollouts file")
+
+
+def read_rollouts(path: Path) -> list[dict]:
+    """rollouts.jsonl rows with prompt_ids, output_ids and (optionally) rollout_logprobs."""
+    from qatctl.data import read_jsonl
+
+    rows = []
+    for n, obj in read_jsonl(path):
+        for key in ("prompt_ids", "output_ids"):
+            v = obj.get(key)
+            if not isinstance(v, list) or not all(isinstance(i, int) for i in v):
+                raise QatctlError(f"{path}:{n}: {key!r} must be a list of token ids")
+        lps = obj.get("rollout_logprobs")
+        if lps is not None and len(lps) != len(obj["output_ids"]):
+            raise QatctlError(f"{path}:{n}: rollout_logprobs has {len(lps)} values for {len(obj['output_ids'])} tokens")
+        rows.append({"prompt_ids": obj["prompt_ids"], "output_ids": obj["output_ids"], "rollout_logprobs": lps})
+    return rows
+
+
+def jobs(prompt_ids: list[list[int]], c: EvalConsistencyConfig) -> list[tuple[list[int], int]]:
+    """(prompt, seed) of every completion: sample k of prompt i uses seed * 1_000_003 + i * n + k."""
+    n = c.samples_per_prompt
+    return [(p, c.seed * 1_000_003 + i * n + k) for i, p in enumerate(prompt_ids) for k in range(n)]
+
+
+def generate(engine, todo: list[tuple[list[int], int]], c: EvalConsistencyConfig, batch: int = 16) -> list[dict]:
+    """Seeded completions with the logprob of each sampled token, batched; empty ones dropped."""
+    from qatctl.engines import SamplingParams
+
+    rows = []
+    for s in range(0, len(todo), batch):
+        chunk = todo[s:s + batch]
+        params = [SamplingParams(temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=seed)
+                  for _, seed in chunk]
+        outs = engine.generate([p for p, _ in chunk], params)
+        rows += [{"prompt_ids": o.prompt_ids, "output_ids": o.output_ids, "rollout_logprobs": o.logprobs, "seed": seed}
+                 for o, (_, seed) in zip(outs, chunk, strict=True)]
+    return [r for r in rows if r["output_ids"]]
+
+
+def run(config: EvalConsistencyConfig) -> dict:
+    _validate(config)
+    train = read_artifact(config.train_ckpt, "qat-checkpoint")
+    infer = (read_artifact(config.infer_ckpt, ("int4-checkpoint", "qat-checkpoint"))
+             if config.infer_ckpt is not None else None)
+    inputs = [train.as_input()] + ([infer.as_input()] if infer else [])
+    for p, kind in ((config.prompts, "prompts"), (config.rollouts, "rollouts-file")):
+        if p is not None:
+            if not Path(p).is_file():
+                raise QatctlError(f"{p}: no such file")
+            inputs.append({"path": str(p), "kind": kind, "digest": sha256_file(Path(p))})
+    out = OutputDir(config.out, stage=STAGE, kind=KIND, config=config.recorded(), inputs=inputs, force=config.force)
+    if (done := out.up_to_date()) is not None:
+        return _gate({**done, "up_to_date": True}, config)
+
+    from qatctl.quant import QuantScheme
+
+    scheme = QuantScheme.from_manifest(train.manifest.get("quant") or {}, f"{config.train_ckpt}/qatctl.json")
+    view = config.train_view
+    if view == "auto":
+        view = "fake-int4" if (train.manifest.get("training") or {}).get("fake_quant", True) else "bf16"
+
+    from transformers import AutoTokenizer
+
+    from qatctl import data
+
+    tokenizer = AutoTokenizer.from_pretrained(config.train_ckpt)
+    prompts = data.load_prompts(config.prompts, tokenizer, need_answer=False)[: config.limit]
+    rollouts_in = read_rollouts(config.rollouts) if config.rollouts else None
+
+    with out.building() as tmp:
+        if config.ablation:
+            report = _ablation(config, train, prompts, scheme, tmp)
+        else:
+            report = _single(config, train, infer, view, prompts, rollouts_in, scheme)
+        main = report["arms"][report["main_arm"]]
+        report["plots"] = _plots(tmp, report)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        (tmp / "report.md").write_text(_markdown(report, config))
+        metrics = {"main_arm": report["main_arm"], **{k: v for k, v in main.items() if not isinstance(v, list)},
+                   "weights_identical_fraction": report["weight_check"].get("identical_fraction"),
+                   "weights_different": report["weight_check"].get("different_count")}
+        if config.ablation:
+            metrics["grid_mean_abs_diff"] = {k: v["mean_abs_diff"] for k, v in report["arms"].items()}
+            metrics["engine_floor_max_abs_diff"] = report["floor"]["max_abs_diff"]
+        manifest = out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics, extra={"train_view": view})
+    return _gate(manifest, config)
+
+
+def _gate(manifest: dict, config: EvalConsistencyConfig) -> dict:
+    mean = manifest["metrics"].get("mean_abs_diff")
+    if config.max_abs_diff is not None and mean is not None and mean > config.max_abs_diff:
+        from qatctl import ui
+
+        ui.console.print(f"report: {config.out}/report.md")
+        raise QatctlError(f"mean |Δlogp| {mean:.3g} exceeds --max-abs-diff {config.max_abs_diff:g}", exit_code=1)
+    return manifest
+
+
+def _train_side(train_ckpt: Path, scheme, views, rollouts):
+    """{view: (logprobs, argmax)} of the rollouts' tokens under the training model's views."""
+    from qatctl import models
+    from qatctl.consistency import train_logprobs
+
+    model, _ = models.load_checkpoint(train_ckpt)
+    res = {}
+    P, C = [r["prompt_ids"] for r in rollouts], [r["output_ids"] for r in rollouts]
+    for v in sorted(views, key=lambda v: v != "bf16"):  # bf16 first: fake-int4 overwrites the weights
+        if v == "fake-int4":
+            models.materialize_fake_quant(model, scheme)
+        res[v] = train_logprobs(model, P, C)
+    return res
+
+
+def _infer_side(engine, rollouts):
+    """(rollout logprobs, engine argmax per position) for the rollouts."""
+    P, C = [r["prompt_ids"] for r in rollouts], [r["output_ids"] for r in rollouts]
+    scored = engine.score(P, C, with_argmax=True) if hasattr(engine, "embed") else (engine.score(P, C), None)
+    lps = [r["rollout_logprobs"] if r.get("rollout_logprobs") is not None else s
+           for r, s in zip(rollouts, scored[0], strict=True)]
+    return lps, scored[1]
+
+
+def _single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
+    from qatctl.consistency import mismatch_metrics, per_position, weight_check
+    from qatctl.engines import load_engine
+    from qatctl.engines.remote import RemoteEngine
+
+    rollout_kind = "int4" if infer.kind == "int4-checkpoint" else "bf16"
+    if config.engine_url:
+        engine = RemoteEngine(config.engine_url, tokenizer=None)
+    else:
+        engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32")
+    rollouts = rollouts_in if rollouts_in is not None else generate(engine, jobs([p.prompt_ids for p in prompts],
+                                                                                  config), config)
+    infer_lps, infer_top = _infer_side(engine, rollouts)
+    train_lps, train_top = _train_side(train.path, scheme, [view], rollouts)[view]
+    arm = f"train {view} / rollout {rollout_kind}"
+    metrics = mismatch_metrics(train_lps, infer_lps, train_top, infer_top)
+    metrics["per_position"] = per_position(train_lps, infer_lps)
+    metrics["abs_diffs"] = [abs(a - b) for t, i in zip(train_lps, infer_lps, strict=True)
+                            for a, b in zip(t, i, strict=True)]
+    wc = weight_check(train.path, infer.path, view, scheme)
+    return {"main_arm": arm, "arms": {arm: metrics}, "weight_check": wc, "kernel": getattr(engine, "kernel", None),
+            "train_view": view, "rollout": rollout_kind, "rollouts": len(rollouts)}
+
+
+def _ablation(config, train, prompts, scheme, tmp: Path) -> dict:
+    from qatctl.consistency import mismatch_metrics, per_position, weight_check
+    from qatctl.engines import load_engine
+    from stages.convert_int4 import ConvertInt4Config
+    from stages.convert_int4 import run as convert
+
+    work = tmp / "_arms"
+    convert(ConvertInt4Config(ckpt=train.path, out=work / "int4"))
+    engines = {"int4": load_engine(work / "int4"), "bf16": load_engine(train.path, weights="fp32")}
+    todo = jobs([p.prompt_ids for p in prompts], config)
+    arms, rollouts_by = {}, {}
+    for rollout, engine in engines.items():
+        rollouts = generate(engine, todo, config)
+        rollouts_by[rollout] = rollouts
+        infer_lps, infer_top = _infer_side(engine, rollouts)
+        for v, (train_lps, train_top) in _train_side(train.path, scheme, VIEWS, rollouts).items():
+            m = mismatch_metrics(train_lps, infer_lps, train_top, infer_top)
+            m["per_position"] = per_position(train_lps, infer_lps)
+            m["abs_diffs"] = [abs(a - b) for t, i in zip(train_lps, infer_lps, strict=True)
+                              for a, b in zip(t, i, strict=True)]
+            arms[f"train {v} / rollout {rollout}"] = m
+    # The engine's own floor: the same INT4 rollouts regenerated one request at a time.
+    batched = rollouts_by["int4"]
+    alone = [generate(engines["int4"], [(r["prompt_ids"], r["seed"])], config, batch=1)[0] for r in batched]
+    floor = mismatch_metrics([a["rollout_logprobs"] for a in alone], [r["rollout_logprobs"] for r in batched])
+    floor["same_tokens"] = all(a["output_ids"] == r["output_ids"] for a, r in zip(alone, batched, strict=True))
+    wc = weight_check(train.path, work / "int4", "fake-int4", scheme)
+    shutil.rmtree(work)
+    return {"main_arm": "train fake-int4 / rollout int4", "arms": arms, "floor": floor, "weight_check": wc,
+            "kernel": engines["int4"].kernel, "rollouts": len(rollouts_by["int4"])}
+
+
+def _plots(tmp: Path, report: dict) -> list[str]:
+    from qatctl.consistency import plots
+
+    diffs = {k: v.pop("abs_diffs") for k, v in report["arms"].items()}
+    positions = {k: v.pop("per_position") for k, v in report["arms"].items()}
+    grid = None
+    if "floor" in report:
+        grid = {}
+        for k, v in report["arms"].items():
+            view, rollout = k.removeprefix("train ").split(" / rollout ")
+            grid[(view, rollout)] = v["mean_abs_diff"]
+    return plots(tmp, diffs, positions, grid)
+
+
+def _markdown(report: dict, config) -> str:
+    cols = ["mean_abs_diff", "p50_abs_diff", "p99_abs_diff", "max_abs_diff", "seq_mean_abs_diff", "k3_kl",
+            "log_ppl_diff", "greedy_agreement", "frac_abs_diff_gt_0.1", "tokens"]
+    lines = [f"# eval-consistency: {config.train_ckpt}" + (f" vs {config.infer_ckpt}" if config.infer_ckpt else ""), "",
+             f"Inference kernel: {report.get('kernel')}; {report['rollouts']} completions "
+             f"(temperature {config.temperature}, up to {config.max_new_tokens} tokens).", "",
+             "| arm | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    rows = dict(report["arms"])
+    if "floor" in report:
+        rows["engine floor (batched vs alone)"] = report["floor"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    wc = report["weight_check"]
+    lines += ["", f"Weight check (train view vs inference weights): {wc['identical']}/{wc['tensors']} quantized tensors "
+              "bit-identical."]
+    if wc["different_count"]:
+        lines.append("Different: " + ", ".join(wc["different"]) + (" ..." if wc["different_count"] > 50 else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
