@@ -19,6 +19,7 @@ from qatctl.errors import QatctlError
 from stages.convert_int4 import ConvertInt4Config
 from stages.eval_consistency import EvalConsistencyConfig
 from stages.init_qat import InitQatConfig
+from stages.rl_step import RlStepConfig
 from stages.serve import ServeConfig
 from stages.train_sft_qat import TrainSftQatConfig
 
@@ -172,6 +173,71 @@ def train_sft_qat(
     if manifest.get("rank", 0) != 0:
         return
     _report({**manifest, "path": str(out)}, json_)
+
+
+R = RlStepConfig
+
+
+@app.command("rl-step")
+def rl_step(
+    policy: Annotated[Path, typer.Argument(help="The policy qat-checkpoint (N).")],
+    prompts: Annotated[Path, typer.Option(help="JSONL with prompt or messages, and answer.")],
+    out: Out,
+    rollout_model: Annotated[Optional[Path], typer.Option(help="POLICY's int4-checkpoint (rollouts run on it).")] = R.rollout_model,
+    engine_url: Annotated[Optional[str], typer.Option(help="Roll out on this server, after pointing it at --rollout-model.")] = R.engine_url,
+    prompts_per_step: Annotated[int, typer.Option(help="Prompts per iteration (the cursor carries over).")] = R.prompts_per_step,
+    samples_per_prompt: Annotated[int, typer.Option(help="GRPO group size.")] = R.samples_per_prompt,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per rollout.")] = R.max_new_tokens,
+    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = R.temperature,
+    seed: Annotated[int, typer.Option(help="Rollout seed.")] = R.seed,
+    reward: Annotated[str, typer.Option(help="exact-number, boxed, or module:function.")] = R.reward,
+    loss: Annotated[str, typer.Option(help="grpo (PPO-clip on group-normalized advantages).")] = R.loss,
+    clip_eps: Annotated[float, typer.Option(help="PPO clip range.")] = R.clip_eps,
+    tis_cap: Annotated[float, typer.Option(help="Truncated importance weight cap (0: off).")] = R.tis_cap,
+    kl_coef: Annotated[float, typer.Option(help="k3 KL to the reference policy.")] = R.kl_coef,
+    reference: Annotated[Optional[Path], typer.Option(help="Reference qat-checkpoint for the KL (default: POLICY).")] = R.reference,
+    scale_by_std: Annotated[bool, typer.Option("--scale-by-std/--no-scale-by-std", help="Divide advantages by the group std.")] = R.scale_by_std,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = R.lr,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping (0: off).")] = R.max_grad_norm,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per forward/backward.")] = R.micro_batch,
+    mini_batches: Annotated[int, typer.Option(help="Optimizer steps per rl-step.")] = R.mini_batches,
+    no_fake_quant: Annotated[bool, typer.Option("--no-fake-quant", help="BF16-train baseline.")] = R.no_fake_quant,
+    allow_stale_rollout_model: Annotated[bool, typer.Option("--allow-stale-rollout-model", help="Accept an INT4 model made from another policy.")] = R.allow_stale_rollout_model,
+    deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config for the update.")] = R.deepspeed,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = R.device,
+    force: Force = False,
+    json_: Json = False,
+):
+    """One GRPO iteration: INT4 rollouts, rewards, fake-quant policy update (TIS), policy N+1."""
+    from stages import rl_step as stage
+
+    config = RlStepConfig(
+        policy=policy, out=out, prompts=prompts, rollout_model=rollout_model, engine_url=engine_url,
+        prompts_per_step=prompts_per_step, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed, reward=reward, loss=loss, clip_eps=clip_eps, tis_cap=tis_cap,
+        kl_coef=kl_coef, reference=reference, scale_by_std=scale_by_std, lr=lr, max_grad_norm=max_grad_norm,
+        micro_batch=micro_batch, mini_batches=mini_batches, no_fake_quant=no_fake_quant,
+        allow_stale_rollout_model=allow_stale_rollout_model, deepspeed=deepspeed, device=device, force=force)
+    manifest = _run(stage.run, config)
+    _report({**manifest, "path": str(out)}, json_)
+
+
+@app.command("plot")
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A folder holding rl-step outputs (any depth).")],
+    out: Annotated[Optional[Path], typer.Option(help="PNG path (default: RUN_DIR/rl-metrics.png).")] = None,
+):
+    """Plot reward and train/rollout mismatch over the rl-step iterations found under RUN_DIR."""
+
+    def draw(_):
+        from qatctl.consistency import plot_rl_history
+
+        return plot_rl_history(run_dir, out or run_dir / "rl-metrics.png")
+
+    path = _run(draw, None)
+    from qatctl import ui
+
+    ui.console.print(f"wrote {path}")
 
 
 E = EvalConsistencyConfig

@@ -200,3 +200,39 @@ def plots(folder: Path, diffs_by_arm: dict, positions_by_arm: dict, grid: dict |
         written.append("ablation_grid.png")
         plt.close(fig)
     return written
+
+
+def plot_rl_history(run_dir: Path, png: Path) -> Path:
+    """Reward and mismatch curves of every rl-step series under run_dir (one line per folder
+    holding rl-step outputs, ordered by iteration)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for m in sorted(Path(run_dir).rglob("qatctl.json")):
+        manifest = json.loads(m.read_text())
+        if manifest.get("stage") != "rl-step" or manifest.get("status") != "complete":
+            continue
+        series.setdefault(str(m.parent.parent.relative_to(run_dir)) or ".", []).append(manifest["metrics"])
+    if not series:
+        raise QatctlError(f"{run_dir}: no complete rl-step outputs found")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, ms in series.items():
+        ms.sort(key=lambda x: x["iteration"])
+        its = [x["iteration"] for x in ms]
+        axes[0].plot(its, [x["reward_mean"] for x in ms], marker="o", label=name)
+        axes[1].plot(its, [x["train_rollout_logprob_abs_diff_mean"] for x in ms], marker="o", label=name)
+    axes[0].set(xlabel="iteration", ylabel="reward mean", title="reward")
+    axes[1].set(xlabel="iteration", ylabel="mean |logp_train - logp_rollout|", title="train/rollout mismatch",
+                yscale="log")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
