@@ -219,6 +219,8 @@ def rl_step(
         micro_batch=micro_batch, mini_batches=mini_batches, no_fake_quant=no_fake_quant,
         allow_stale_rollout_model=allow_stale_rollout_model, deepspeed=deepspeed, device=device, force=force)
     manifest = _run(stage.run, config)
+    if manifest.get("rank", 0) != 0:
+        return
     _report({**manifest, "path": str(out)}, json_)
 
 

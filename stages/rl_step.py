@@ -23,6 +23,7 @@ start fresh every iteration (its state is not carried between policy artifacts).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,8 +140,14 @@ def run(config: RlStepConfig) -> dict:
     for r, a in zip(rows, advantages.flatten().tolist(), strict=True):
         r["advantage"] = a
 
+    metrics, model, trainer = _train(config, policy, reference, scheme, rows, informative, timings)
+    from qatctl.train import dist_env
+
+    rank, _ = dist_env()
+    if trainer is not None and not trainer.is_main:  # DeepSpeed: rank 0 writes the artifact
+        trainer.barrier()
+        return {"status": "complete", "rank": rank}
     with out.building() as tmp:
-        metrics, model = _train(config, policy, reference, scheme, rows, informative, timings)
         t = time.perf_counter()
         from qatctl import models
 
@@ -161,9 +168,12 @@ def run(config: RlStepConfig) -> dict:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         rl_state = {"iteration": iteration + 1, "cursor": (cursor + config.prompts_per_step) % len(prompts),
                     "prompts": str(config.prompts)}
-        return out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics,
-                          extra={"rl": rl_state, "training": {"fake_quant": not config.no_fake_quant,
-                                                              "fake_quant_after": 0}})
+        manifest = out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics,
+                              extra={"rl": rl_state, "training": {"fake_quant": not config.no_fake_quant,
+                                                                  "fake_quant_after": 0}})
+    if trainer is not None:
+        trainer.barrier()
+    return manifest
 
 
 def _rollout(config: RlStepConfig, int4, chosen, iteration: int):
@@ -240,7 +250,7 @@ def _train(config: RlStepConfig, policy, reference, scheme, rows, informative, t
 
     from qatctl import models, rl
     from qatctl.consistency import mismatch_metrics, train_logprobs
-    from qatctl.train import OptimSettings, device_and_dtype, make_trainer
+    from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer
 
     device, dtype = device_and_dtype(config.device)
     model, tok = models.load_checkpoint(policy.path, dtype=dtype)
@@ -279,16 +289,22 @@ def _train(config: RlStepConfig, policy, reference, scheme, rows, informative, t
     clipped = tokens_total = 0
     entropy_sum, grad_norms, train_tokens = 0.0, [], 0
     if keep:
+        world = dist_env()[1] if config.deepspeed else 1
+        if config.deepspeed and config.mini_batches != 1:
+            raise QatctlError("--deepspeed supports --mini-batches 1 (DeepSpeed fixes the accumulation steps)")
         per_mini = -(-len(keep) // config.mini_batches)
         minis = [keep[i:i + per_mini] for i in range(0, len(keep), per_mini)]
-        micro = min(config.micro_batch, per_mini)
+        # Micro-batches per optimizer step: enough for --micro-batch, a multiple of the ranks.
+        n_micro = world * math.ceil(math.ceil(per_mini / config.micro_batch) / world)
+        if per_mini < n_micro:
+            raise QatctlError(f"{per_mini} sequences to train cannot feed {world} DeepSpeed ranks")
         settings = OptimSettings(lr=config.lr, max_grad_norm=config.max_grad_norm, min_lr_ratio=1.0)
-        trainer = make_trainer(model, settings, total_steps=len(minis), batch_size=micro * -(-per_mini // micro),
-                               micro_batch=micro,
+        trainer = make_trainer(model, settings, total_steps=len(minis), batch_size=n_micro, micro_batch=1,
                                deepspeed_config=config.deepspeed)
         for mini in minis:
             n_tokens = sum(len(r["output_ids"]) for r, _, _ in mini)
-            mbs = [mini[i:i + micro] for i in range(0, len(mini), micro)]
+            k = min(n_micro, len(mini))
+            mbs = [mini[j * len(mini) // k:(j + 1) * len(mini) // k] for j in range(k)]
 
             def loss_fn(m, mb, n_tokens=n_tokens):
                 rs = [r for r, _, _ in mb]
@@ -316,6 +332,11 @@ def _train(config: RlStepConfig, policy, reference, scheme, rows, informative, t
                 tokens_total += info["tokens"]
                 train_tokens += info["all_tokens"]
         model = trainer.model
+        # Each DeepSpeed rank ran its share of the micro-batches: sum the counts over ranks.
+        clipped, tokens_total = int(trainer.reduce_sum(clipped)), int(trainer.reduce_sum(tokens_total))
+        entropy_sum, train_tokens = trainer.reduce_sum(entropy_sum), trainer.reduce_sum(train_tokens)
+    else:
+        trainer = None
     timings["update"] = time.perf_counter() - t
     return {
         "train_rollout_logprob_abs_diff_mean": mismatch["mean_abs_diff"],
@@ -328,5 +349,5 @@ def _train(config: RlStepConfig, policy, reference, scheme, rows, informative, t
         "entropy": entropy_sum / tokens_total if tokens_total else None,
         "update_sequences": len(keep), "update_skipped": not keep, "optimizer_steps": len(grad_norms),
         "train_tokens_per_s": train_tokens / timings["update"] if keep and timings["update"] > 0 else None,
-        "fake_quant": not config.no_fake_quant,
-    }, model
+        "fake_quant": not config.no_fake_quant, "backend": trainer.backend if trainer else None,
+    }, model, trainer

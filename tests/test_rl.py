@@ -197,3 +197,30 @@ def test_smollm2_qat_mismatch_is_small_and_below_ptq(smollm2_pair, tmp_path):
     ptq = json.loads(qatctl("rl-step", *args, "--out", tmp_path / "ptq", "--no-fake-quant", "--json").stdout)["metrics"]
     key = "train_rollout_logprob_abs_diff_mean"
     assert qat[key] < 0.05 and qat[key] * 10 < ptq[key], (qat[key], ptq[key])
+
+
+def test_deepspeed_update_matches_plain(tiny_policy, tmp_path):
+    """The rl-step update under DeepSpeed ZeRO-2 on two gloo ranks (the same code path as
+    train-sft-qat) gives the plain update's metrics and weights (rollouts are identical)."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+    from test_train_sft_qat import _free_port
+
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    plain = json.loads(qatctl("rl-step", *step_args(tiny_policy, tmp_path / "plain"), "--json").stdout)["metrics"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "qatctl.cli", "rl-step",
+           *map(str, step_args(tiny_policy, tmp_path / "ds")), "--deepspeed", str(cfg)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    ds = json.loads((tmp_path / "ds" / "qatctl.json").read_text())["metrics"]
+    assert ds["backend"] == "deepspeed" and plain["backend"] == "torch"
+    for key in ("reward_mean", "train_rollout_logprob_abs_diff_mean", "update_sequences", "ppo_clip_fraction"):
+        assert ds[key] == plain[key], key
+    assert ds["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    assert ds["entropy"] == pytest.approx(plain["entropy"], rel=1e-5)
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "ds" / "model.safetensors")
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a)
