@@ -125,10 +125,9 @@ class OutputDir:
         if not (self.path / MANIFEST).is_file():
             raise QatctlError(f"{self.path}: exists and is not a qatctl artifact; remove it or pass --force")
         existing = read_manifest(self.path)
-        same = (existing.get("status") == "complete" and existing.get("stage") == self.stage
-                and existing.get("config") == self.config
-                and [(i["kind"], i["digest"]) for i in existing.get("inputs", [])]
-                == [(i["kind"], i["digest"]) for i in self.inputs])
+        same = (existing.get("status") == "complete"
+                and _run_key(existing.get("stage"), existing.get("config"), existing.get("inputs", []))
+                == self._run_key())
         if same:
             return existing
         raise QatctlError(f"{self.path}: holds a {existing.get('stage')} output with a different config or "
@@ -140,8 +139,7 @@ class OutputDir:
         return _Building(self, resume)
 
     def _run_key(self) -> dict:
-        return {"stage": self.stage, "config": self.config,
-                "inputs": [(i["kind"], i["digest"]) for i in self.inputs]}
+        return _run_key(self.stage, self.config, self.inputs)
 
     def commit(self, tmp: Path, *, quant: dict | None = None, metrics: dict | None = None,
                extra: dict | None = None) -> dict:
@@ -174,6 +172,11 @@ class OutputDir:
         return manifest
 
 
+def _run_key(stage, config, inputs) -> dict:
+    """What makes two runs of a stage the same run: stage, config, and each input's kind and digest."""
+    return {"stage": stage, "config": config, "inputs": [[i["kind"], i["digest"]] for i in inputs]}
+
+
 RUN_KEY = ".qatctl-run.json"  # in a partial folder: the config and inputs it was started with
 
 
@@ -186,7 +189,7 @@ class _Building:
         keep = False
         if self.resume and (p / RUN_KEY).is_file():
             try:
-                keep = json.loads((p / RUN_KEY).read_text()) == _normalized(key)
+                keep = json.loads((p / RUN_KEY).read_text()) == key
             except json.JSONDecodeError:
                 keep = False
         if not keep:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qatctl.data import collate_completions
 from qatctl.errors import QatctlError
 
 
@@ -24,13 +25,7 @@ def train_logprobs(model, prompts: list[list[int]], completions: list[list[int]]
     device = next(model.parameters()).device
     for i in range(0, len(prompts), batch):
         ps, cs = prompts[i:i + batch], completions[i:i + batch]
-        seqs = [list(p) + list(c) for p, c in zip(ps, cs, strict=True)]
-        T = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), T), dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
+        ids, mask, _ = collate_completions(ps, cs)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits, dim=-1)
         for j, (p, c) in enumerate(zip(ps, cs, strict=True)):
@@ -158,6 +153,13 @@ def plots(folder: Path, diffs_by_arm: dict, positions_by_arm: dict, grid: dict |
     import matplotlib.pyplot as plt
 
     written = []
+
+    def save(name: str, fig) -> None:
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, d in diffs_by_arm.items():
         vals = [max(x, 1e-9) for x in d]
@@ -167,10 +169,7 @@ def plots(folder: Path, diffs_by_arm: dict, positions_by_arm: dict, grid: dict |
     ax.set_xlabel("|logp_train - logp_infer| (values < 1e-9 shown at 1e-9)")
     ax.set_ylabel("tokens")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "abs_diff_hist.png", dpi=100)
-    written.append("abs_diff_hist.png")
-    plt.close(fig)
+    save("abs_diff_hist.png", fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, pos in positions_by_arm.items():
@@ -178,10 +177,7 @@ def plots(folder: Path, diffs_by_arm: dict, positions_by_arm: dict, grid: dict |
     ax.set_xlabel("completion position")
     ax.set_ylabel("mean |Δlogp|")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "abs_diff_by_position.png", dpi=100)
-    written.append("abs_diff_by_position.png")
-    plt.close(fig)
+    save("abs_diff_by_position.png", fig)
 
     if grid:
         views, rollouts = ["fake-int4", "bf16"], ["int4", "bf16"]
@@ -195,10 +191,7 @@ def plots(folder: Path, diffs_by_arm: dict, positions_by_arm: dict, grid: dict |
                 ax.text(b, a, f"{vals[a][b]:.2e}", ha="center", va="center", color="w")
         ax.set_title("mean |Δlogp|")
         fig.colorbar(im)
-        fig.tight_layout()
-        fig.savefig(folder / "ablation_grid.png", dpi=100)
-        written.append("ablation_grid.png")
-        plt.close(fig)
+        save("ablation_grid.png", fig)
     return written
 
 

@@ -138,7 +138,8 @@ def load_prompts(path: Path, tokenizer, need_answer: bool = True) -> list[Prompt
 
 
 def collate(examples: list[Example], pad_id: int):
-    """Right-padded (input_ids, labels, attention_mask) tensors; labels already shifted by HF."""
+    """Right-padded (input_ids, labels, attention_mask) tensors; labels are aligned with input_ids
+    (the loss shifts them by one)."""
     import torch
 
     T = max(len(e.input_ids) for e in examples)
@@ -151,3 +152,20 @@ def collate(examples: list[Example], pad_id: int):
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return ids, labels, mask
+
+
+def collate_completions(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0):
+    """Right-padded prompt + completion (input_ids, attention_mask) and a completion mask
+    [B, T-1] aligned with the next-token logits (position t predicts token t+1)."""
+    import torch
+
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    completion = torch.zeros((len(seqs), T - 1))
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        completion[i, len(p) - 1:len(s) - 1] = 1
+    return ids, mask, completion

@@ -25,7 +25,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -297,7 +297,3 @@ def _load_rng(path: Path) -> None:
     state = torch.load(path, weights_only=False)
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-
-
-def settings_dict(s: OptimSettings) -> dict:
-    return asdict(s)

@@ -187,14 +187,25 @@ def _train_side(train_ckpt: Path, scheme, views, rollouts):
 def _infer_side(engine, rollouts):
     """(rollout logprobs, engine argmax per position) for the rollouts."""
     P, C = [r["prompt_ids"] for r in rollouts], [r["output_ids"] for r in rollouts]
-    scored = engine.score(P, C, with_argmax=True) if hasattr(engine, "embed") else (engine.score(P, C), None)
+    scored, argmax = engine.score(P, C, with_argmax=True)
     lps = [r["rollout_logprobs"] if r.get("rollout_logprobs") is not None else s
-           for r, s in zip(rollouts, scored[0], strict=True)]
-    return lps, scored[1]
+           for r, s in zip(rollouts, scored, strict=True)]
+    return lps, argmax
+
+
+def _arm(train_side, infer_side) -> dict:
+    """Mismatch metrics of one arm, with the per-token and per-position values the plots use."""
+    from qatctl.consistency import mismatch_metrics, per_position
+
+    (train_lps, train_top), (infer_lps, infer_top) = train_side, infer_side
+    m = mismatch_metrics(train_lps, infer_lps, train_top, infer_top)
+    m["per_position"] = per_position(train_lps, infer_lps)
+    m["abs_diffs"] = [abs(a - b) for t, i in zip(train_lps, infer_lps, strict=True) for a, b in zip(t, i, strict=True)]
+    return m
 
 
 def _single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
-    from qatctl.consistency import mismatch_metrics, per_position, weight_check
+    from qatctl.consistency import weight_check
     from qatctl.engines import load_engine
     from qatctl.engines.remote import RemoteEngine
 
@@ -205,20 +216,15 @@ def _single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
         engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32")
     rollouts = rollouts_in if rollouts_in is not None else generate(engine, jobs([p.prompt_ids for p in prompts],
                                                                                   config), config)
-    infer_lps, infer_top = _infer_side(engine, rollouts)
-    train_lps, train_top = _train_side(train.path, scheme, [view], rollouts)[view]
     arm = f"train {view} / rollout {rollout_kind}"
-    metrics = mismatch_metrics(train_lps, infer_lps, train_top, infer_top)
-    metrics["per_position"] = per_position(train_lps, infer_lps)
-    metrics["abs_diffs"] = [abs(a - b) for t, i in zip(train_lps, infer_lps, strict=True)
-                            for a, b in zip(t, i, strict=True)]
+    metrics = _arm(_train_side(train.path, scheme, [view], rollouts)[view], _infer_side(engine, rollouts))
     wc = weight_check(train.path, infer.path, view, scheme)
     return {"main_arm": arm, "arms": {arm: metrics}, "weight_check": wc, "kernel": getattr(engine, "kernel", None),
             "train_view": view, "rollout": rollout_kind, "rollouts": len(rollouts)}
 
 
 def _ablation(config, train, prompts, scheme, tmp: Path) -> dict:
-    from qatctl.consistency import mismatch_metrics, per_position, weight_check
+    from qatctl.consistency import mismatch_metrics, weight_check
     from qatctl.engines import load_engine
     from stages.convert_int4 import ConvertInt4Config
     from stages.convert_int4 import run as convert
@@ -227,17 +233,18 @@ def _ablation(config, train, prompts, scheme, tmp: Path) -> dict:
     convert(ConvertInt4Config(ckpt=train.path, out=work / "int4"))
     engines = {"int4": load_engine(work / "int4"), "bf16": load_engine(train.path, weights="fp32")}
     todo = jobs([p.prompt_ids for p in prompts], config)
-    arms, rollouts_by = {}, {}
-    for rollout, engine in engines.items():
-        rollouts = generate(engine, todo, config)
-        rollouts_by[rollout] = rollouts
-        infer_lps, infer_top = _infer_side(engine, rollouts)
-        for v, (train_lps, train_top) in _train_side(train.path, scheme, VIEWS, rollouts).items():
-            m = mismatch_metrics(train_lps, infer_lps, train_top, infer_top)
-            m["per_position"] = per_position(train_lps, infer_lps)
-            m["abs_diffs"] = [abs(a - b) for t, i in zip(train_lps, infer_lps, strict=True)
-                              for a, b in zip(t, i, strict=True)]
-            arms[f"train {v} / rollout {rollout}"] = m
+    rollouts_by = {rollout: generate(engine, todo, config) for rollout, engine in engines.items()}
+    infer_by = {rollout: _infer_side(engines[rollout], rows) for rollout, rows in rollouts_by.items()}
+    # One training-side pass per view over both rollout sets: the model loads once.
+    every = [r for rows in rollouts_by.values() for r in rows]
+    arms, cells = {}, {}
+    for v, (lps, top) in _train_side(train.path, scheme, VIEWS, every).items():
+        start = 0
+        for rollout, rows in rollouts_by.items():
+            part = (lps[start:start + len(rows)], top[start:start + len(rows)])
+            start += len(rows)
+            name = f"train {v} / rollout {rollout}"
+            arms[name], cells[name] = _arm(part, infer_by[rollout]), [v, rollout]
     # The engine's own floor: the same INT4 rollouts regenerated one request at a time.
     batched = rollouts_by["int4"]
     alone = [generate(engines["int4"], [(r["prompt_ids"], r["seed"])], config, batch=1)[0] for r in batched]
@@ -245,7 +252,8 @@ def _ablation(config, train, prompts, scheme, tmp: Path) -> dict:
     floor["same_tokens"] = all(a["output_ids"] == r["output_ids"] for a, r in zip(alone, batched, strict=True))
     wc = weight_check(train.path, work / "int4", "fake-int4", scheme)
     shutil.rmtree(work)
-    return {"main_arm": "train fake-int4 / rollout int4", "arms": arms, "floor": floor, "weight_check": wc,
+    return {"main_arm": "train fake-int4 / rollout int4", "arms": arms, "cells": cells, "floor": floor,
+            "weight_check": wc,
             "kernel": engines["int4"].kernel, "rollouts": len(rollouts_by["int4"])}
 
 
@@ -254,12 +262,8 @@ def _plots(tmp: Path, report: dict) -> list[str]:
 
     diffs = {k: v.pop("abs_diffs") for k, v in report["arms"].items()}
     positions = {k: v.pop("per_position") for k, v in report["arms"].items()}
-    grid = None
-    if "floor" in report:
-        grid = {}
-        for k, v in report["arms"].items():
-            view, rollout = k.removeprefix("train ").split(" / rollout ")
-            grid[(view, rollout)] = v["mean_abs_diff"]
+    grid = ({tuple(report["cells"][k]): v["mean_abs_diff"] for k, v in report["arms"].items()}
+            if "cells" in report else None)
     return plots(tmp, diffs, positions, grid)
 
 

@@ -83,6 +83,8 @@ def _validate(c: RlStepConfig) -> None:
         raise QatctlError("--tis-cap and --kl-coef must be >= 0, --clip-eps and --lr > 0")
     if not Path(c.prompts).is_file():
         raise QatctlError(f"{c.prompts}: no such prompts file")
+    if c.deepspeed is not None and c.mini_batches != 1:
+        raise QatctlError("--deepspeed supports --mini-batches 1 (DeepSpeed fixes the accumulation steps)")
 
 
 def _check_rollout_model(policy, int4, allow_stale: bool) -> bool:
@@ -134,9 +136,9 @@ def run(config: RlStepConfig) -> dict:
 
     import torch
 
-    advantages, informative = rl.group_advantages(
-        torch.tensor([[r["reward"] for r in rows[g * config.samples_per_prompt:(g + 1) * config.samples_per_prompt]]
-                      for g in range(len(chosen))]), scale_by_std=config.scale_by_std)
+    advantages, informative = rl.group_advantages(  # rows are grouped by prompt, samples in order
+        torch.tensor([r["reward"] for r in rows]).view(len(chosen), config.samples_per_prompt),
+        scale_by_std=config.scale_by_std)
     for r, a in zip(rows, advantages.flatten().tolist(), strict=True):
         r["advantage"] = a
 
@@ -210,19 +212,11 @@ def rollout_seed(seed: int, iteration: int, prompt_index: int, sample: int) -> i
 
 
 def _batch(rows, pad_id: int, device):
-    """Right-padded ids/mask and a completion mask aligned with the shifted logits."""
-    import torch
+    from qatctl.data import collate_completions
 
-    seqs = [r["prompt_ids"] + r["output_ids"] for r in rows]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    comp = torch.zeros((len(rows), T - 1))
-    for i, (r, s) in enumerate(zip(rows, seqs, strict=True)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-        comp[i, len(r["prompt_ids"]) - 1:len(s) - 1] = 1
-    return ids.to(device), mask.to(device), comp.to(device)
+    ids, mask, completion = collate_completions([r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows],
+                                                pad_id)
+    return ids.to(device), mask.to(device), completion.to(device)
 
 
 def _token_logprobs(model, ids, mask):
@@ -276,10 +270,10 @@ def _train(config: RlStepConfig, policy, reference, scheme, rows, informative, t
     timings["score"] = time.perf_counter() - t
     scored = [(r, o, f) for r, o, f in zip(rows, old, ref, strict=True) if r["output_ids"]]
     mismatch = mismatch_metrics([o for _, o, _ in scored], [r["rollout_logprobs"] for r, _, _ in scored])
-    tis_all = rl.tis_weights(torch.tensor([x for _, o, _ in scored for x in o]),
-                             torch.tensor([x for r, _, _ in scored for x in r["rollout_logprobs"]]), config.tis_cap)
-    raw = torch.exp(torch.tensor([x for _, o, _ in scored for x in o])
-                    - torch.tensor([x for r, _, _ in scored for x in r["rollout_logprobs"]]))
+    train_t = torch.tensor([x for _, o, _ in scored for x in o])
+    rollout_t = torch.tensor([x for r, _, _ in scored for x in r["rollout_logprobs"]])
+    tis_all = rl.tis_weights(train_t, rollout_t, config.tis_cap)
+    raw = torch.exp(train_t - rollout_t)
 
     # Update: sequences of informative groups only (the others have advantage 0 everywhere).
     n = config.samples_per_prompt
@@ -290,8 +284,6 @@ def _train(config: RlStepConfig, policy, reference, scheme, rows, informative, t
     entropy_sum, grad_norms, train_tokens = 0.0, [], 0
     if keep:
         world = dist_env()[1] if config.deepspeed else 1
-        if config.deepspeed and config.mini_batches != 1:
-            raise QatctlError("--deepspeed supports --mini-batches 1 (DeepSpeed fixes the accumulation steps)")
         per_mini = -(-len(keep) // config.mini_batches)
         minis = [keep[i:i + per_mini] for i in range(0, len(keep), per_mini)]
         # Micro-batches per optimizer step: enough for --micro-batch, a multiple of the ranks.

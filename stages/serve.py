@@ -164,11 +164,11 @@ def sampling_from_openai(body: dict, default_max: int):
         raise BadRequest(f"seed must be an integer, got {seed!r}")
     if body.get("n", 1) != 1:
         raise BadRequest("n must be 1 (send the prompt several times instead)")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     top_k = _num(body, "top_k", int, 0)
     return _params(temperature=_num(body, "temperature", float, 1.0, 0, 2), top_p=_num(body, "top_p", float, 1.0, 0, 1),
                    top_k=0 if top_k < 0 else top_k,
-                   max_new_tokens=_num({"m": max_tokens}, "m", int, default_max, 0),
+                   max_new_tokens=_num(body, max_key, int, default_max, 0),
                    stop=_stops(body.get("stop")), seed=seed)
 
 

@@ -139,7 +139,7 @@ def run(config: TrainSftQatConfig) -> dict:
     import torch
 
     from qatctl import models
-    from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer
+    from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer, save_step
 
     device, dtype = device_and_dtype(config.device)
     torch.manual_seed(config.seed)
@@ -190,8 +190,6 @@ def run(config: TrainSftQatConfig) -> dict:
                 bar.update(task, advance=1, info=f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                                                  f"{row['tokens_per_s']:.0f} tok/s")
                 if (step + 1) % config.save_every == 0 and step + 1 < total:
-                    from qatctl.train import save_step
-
                     save_step(trainer, state_root, step + 1, {"step": step + 1, "history": history})
         if not trainer.is_main:
             trainer.barrier()

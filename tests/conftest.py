@@ -34,6 +34,13 @@ def make_int4(ckpt: Path, out: Path):
     return run(ConvertInt4Config(ckpt=ckpt, out=out))
 
 
+def make_pair(root: Path, preset: str = "tiny-llama", seed: int = 0) -> tuple[Path, Path]:
+    """(qat-checkpoint, its int4-checkpoint) of a tiny preset under root/init and root/int4."""
+    make_tiny(preset, root / "init", seed=seed)
+    make_int4(root / "init", root / "int4")
+    return root / "init", root / "int4"
+
+
 @pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory):
     """{preset: (qat-checkpoint, int4-checkpoint)} for every tiny preset."""

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REPO, make_int4, make_tiny, qatctl
+from conftest import REPO, make_pair, qatctl
 
 PROMPTS = REPO / "recipes/data/arith-test.jsonl"
 ARGS = ["--prompts", PROMPTS, "--limit", "6", "--max-new-tokens", "24"]
@@ -13,10 +13,7 @@ ARGS = ["--prompts", PROMPTS, "--limit", "6", "--max-new-tokens", "24"]
 
 @pytest.fixture(scope="module")
 def stranger_int4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stranger")
-    make_tiny("tiny-llama", root / "init", seed=7)
-    make_int4(root / "init", root / "int4")
-    return root / "int4"
+    return make_pair(tmp_path_factory.mktemp("stranger"), seed=7)[1]
 
 
 def run_json(*args):

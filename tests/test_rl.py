@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, make_int4, make_tiny, qatctl
+from conftest import REPO, make_int4, make_pair, make_tiny, qatctl
 from qatctl import rl
 
 ARITH = REPO / "recipes/data/arith-train.jsonl"
@@ -128,9 +128,8 @@ def test_rl_step_end_to_end(tiny_policy, tmp_path):
 def test_engine_url_equals_in_process(tiny_policy, tmp_path):
     from test_serve import Served
 
-    make_tiny("tiny-llama", tmp_path / "other", seed=3)
-    make_int4(tmp_path / "other", tmp_path / "other-int4")
-    server = Served(tmp_path / "other-int4")  # serving another model: rl-step must repoint it
+    _, other_int4 = make_pair(tmp_path / "other", seed=3)
+    server = Served(other_int4)  # serving another model: rl-step must repoint it
     try:
         local = json.loads(qatctl("rl-step", *step_args(tiny_policy, tmp_path / "local"), "--json").stdout)
         remote = json.loads(qatctl("rl-step", *step_args(tiny_policy, tmp_path / "remote"), "--engine-url",
@@ -175,9 +174,8 @@ def test_bad_input(tiny_policy, tmp_path):
                        "p.jsonl:1: missing 'answer'", absent=[out])
     assert_usage_error(qatctl("rl-step", *base, "--prompts", ARITH, "--reward", "vibes", check=False),
                        "--reward 'vibes': unknown", absent=[out])
-    make_tiny("tiny-llama", tmp_path / "other", seed=5)
-    make_int4(tmp_path / "other", tmp_path / "other-int4")
-    stale = [tiny_policy / "policy-0", "--rollout-model", tmp_path / "other-int4", "--prompts", ARITH, "--out", out]
+    _, other_int4 = make_pair(tmp_path / "other", seed=5)
+    stale = [tiny_policy / "policy-0", "--rollout-model", other_int4, "--prompts", ARITH, "--out", out]
     assert_usage_error(qatctl("rl-step", *stale, check=False), "stale rollout model", absent=[out])
     ok = json.loads(qatctl("rl-step", *stale, "--allow-stale-rollout-model", "--max-new-tokens", "4",
                            "--reward", f"{tiny_policy / 'rw.py'}:odd_length", "--json").stdout)

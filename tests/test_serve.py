@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import REPO, make_int4, make_tiny
+from conftest import REPO, make_pair
 
 
 def free_port() -> int:
@@ -47,10 +47,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def other_int4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("other")
-    make_tiny("tiny-llama", root / "init", seed=1)
-    make_int4(root / "init", root / "int4")
-    return root / "int4"
+    return make_pair(tmp_path_factory.mktemp("other"), seed=1)[1]
 
 
 @pytest.fixture(scope="module")

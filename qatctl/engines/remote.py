@@ -82,7 +82,9 @@ class RemoteEngine:
                                      text=r.get("text", "")))
         return result
 
-    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+    def score(self, prompts: list[list[int]], completions: list[list[int]], with_argmax: bool = False):
+        """Per-token logprobs; with `with_argmax`, (logprobs, None): the native API does not
+        return the argmax token at each position."""
         result = []
         for p, c in zip(prompts, completions, strict=True):
             if not c:
@@ -92,7 +94,7 @@ class RemoteEngine:
                     "sampling_params": {"max_new_tokens": 0, "temperature": 0}}
             lps = self._post("/generate", body)["meta_info"]["input_token_logprobs"]
             result.append([lp for lp, _, _ in lps][-len(c):])
-        return result
+        return (result, None) if with_argmax else result
 
 
 def _native(sp: SamplingParams) -> dict:
