@@ -154,7 +154,7 @@ def train_sft_qat(
     fake_quant_after: Annotated[int, typer.Option(help="Train this many steps before fake quant switches on.")] = T.fake_quant_after,
     no_fake_quant: Annotated[bool, typer.Option("--no-fake-quant", help="Plain BF16 baseline (no fake quant).")] = T.no_fake_quant,
     save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = T.save_every,
-    deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config (ZeRO 1/2); launch with deepspeed or torchrun.")] = T.deepspeed,
+    deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config (ZeRO 0-3); launch with deepspeed or torchrun.")] = T.deepspeed,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = T.device,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last checkpoint (default) or start over.")] = T.resume,
     force: Force = False,

@@ -16,15 +16,24 @@ micro-batch is exact).
 Checkpoints (`save_state` / `load_state`) hold fp32 masters, optimizer, scheduler and RNG
 states; a step folder is written as `NAME.tmp` and renamed, so the latest complete one is
 always readable.
+
+Memory: a CPU step allocates logits- and embedding-sized tensors (~100 MB each) afresh every
+micro-batch. glibc serves blocks that large with mmap and unmaps them on free, so every step
+page-faults them in again; with the fake-quant w_hat copies live that cost 1.38x per step
+(bench/train.py). `keep_freed_memory()` (called by every Trainer) makes glibc keep freed
+blocks in the heap for reuse instead. Set QATCTL_KEEP_FREED_MEMORY=0 to leave glibc as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +78,23 @@ def dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc malloc reuse freed large blocks instead of unmapping them (see the module doc).
+
+    mallopt(M_MMAP_MAX, 0) serves large allocations from the heap; M_TRIM_THRESHOLD keeps freed
+    heap memory in the process. Returns whether it took effect (False off glibc, or when
+    QATCTL_KEEP_FREED_MEMORY=0).
+    """
+    if os.environ.get("QATCTL_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 class Trainer:
     """Plain torch: AdamW + warmup/cosine LambdaLR + clip_grad_norm_."""
 
@@ -84,10 +110,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, settings.warmup_steps, total_steps, settings.min_lr_ratio))
         self.autocast = next(model.parameters()).device.type == "cuda"
+        keep_freed_memory()
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def forward_module(self):
+        """What a loss_fn calls for its forward pass (the DeepSpeed engine wraps the model)."""
+        return self.model
 
     def shard(self, items: list) -> list:
         """This rank's share of a step's micro-batches (all of them without DeepSpeed)."""
@@ -103,7 +135,7 @@ class Trainer:
         with parametrize.cached():
             for mb in self.shard(micro_batches):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                    loss, info = loss_fn(self.model, mb)
+                    loss, info = loss_fn(self.forward_module, mb)
                 self._backward(loss)
                 total += float(loss.detach())
                 infos.append(info)
@@ -124,6 +156,10 @@ class Trainer:
 
     def reduce_sum(self, x: float) -> float:
         return x
+
+    def gather_weights(self):
+        """After the last step: the model with every parameter whole (every rank must call it)."""
+        return self.model
 
     def barrier(self) -> None:
         pass
@@ -148,11 +184,16 @@ class Trainer:
 
 
 class DeepSpeedTrainer(Trainer):
-    """The same step under a DeepSpeed engine (ZeRO 1/2), one process per rank.
+    """The same step under a DeepSpeed engine (ZeRO 0-3), one process per rank.
 
     Launched by `deepspeed` or `torchrun`; on a machine without CUDA it runs DeepSpeed's CPU
     accelerator with gloo. The engine averages gradients over ranks and divides the loss by its
-    accumulation steps, so each rank's loss is scaled back up to keep the step's sum.
+    accumulation steps, so each rank's loss is scaled back up to keep the step's sum. The forward
+    pass goes through the engine (`forward_module`): its output hooks run DeepSpeed's backward
+    prologue, without which ZeRO-3 accumulates micro-batch gradients wrongly (measured: grad norm
+    off by ~sqrt(2) over 2 ranks x 2 micro-batches, right with one micro-batch per rank). Under
+    ZeRO-3 the fake-quant parametrization reads the gathered master (its ParametrizationList
+    is a submodule, so DeepSpeed's hooks gather `original` when the weight is read).
     """
 
     backend = "deepspeed"
@@ -184,6 +225,12 @@ class DeepSpeedTrainer(Trainer):
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.scale = gas * self.world
 
+    @property
+    def forward_module(self):
+        # engine(...) hooks the loss so engine.backward runs DeepSpeed's backward prologue
+        # (ZeRO-3 accumulation boundary); calling the bare module skips it.
+        return self.engine
+
     def _backward(self, loss):
         self.engine.backward(loss * self.scale)
         self.engine.step()  # DeepSpeed steps only at the accumulation boundary
@@ -206,6 +253,14 @@ class DeepSpeedTrainer(Trainer):
         import torch.distributed as dist
 
         dist.barrier()
+
+    def gather_weights(self):
+        if self.zero_stage == 3:  # gather every partition for good: training is over
+            import deepspeed
+
+            self._gathered = contextlib.ExitStack()
+            self._gathered.enter_context(deepspeed.zero.GatheredParameters(list(self.model.parameters())))
+        return self.model
 
     def save_state(self, folder: Path, meta: dict) -> None:
         # Every rank writes its ZeRO partition; rank 0 writes meta.json after all are done.
@@ -237,7 +292,7 @@ def _deepspeed_config(path: Path, micro_batch: int, gas: int, world: int, max_gr
             raise QatctlError(f"{path}: {key}={cfg[key]!r} contradicts the command line ({value}); "
                               "set it to \"auto\" or drop it")
         cfg[key] = value
-    if cfg.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2):
+    if cfg.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2, 3):
         # Measured on CPU/gloo (tiny-llama, 2 ranks): ZeRO-3 trains, but its gradients differ from
         # the plain loop's (global grad norm 2.90 vs 5.49 at step 1, losses part at step 2), with
         # fake quant off as well, so the runs would not be the same training. Refused until found.

@@ -323,7 +323,7 @@ def _train(config: RlStepConfig, policy, reference, scheme, rows, informative, t
                 entropy_sum += info["entropy"]
                 tokens_total += info["tokens"]
                 train_tokens += info["all_tokens"]
-        model = trainer.model
+        model = trainer.gather_weights()
         # Each DeepSpeed rank ran its share of the micro-batches: sum the counts over ranks.
         clipped, tokens_total = int(trainer.reduce_sum(clipped)), int(trainer.reduce_sum(tokens_total))
         entropy_sum, train_tokens = trainer.reduce_sum(entropy_sum), trainer.reduce_sum(train_tokens)

@@ -50,7 +50,7 @@ class TrainSftQatConfig:
     fake_quant_after: int = 0  # steps trained without fake quant before it switches on
     no_fake_quant: bool = False  # plain BF16 baseline through the same code
     save_every: int = 50  # steps between resumable checkpoints
-    deepspeed: Path | None = None  # DeepSpeed JSON config (ZeRO 1/2); launch with deepspeed/torchrun
+    deepspeed: Path | None = None  # DeepSpeed JSON config (ZeRO 0-3); launch with deepspeed/torchrun
     device: str = "auto"  # auto, cpu or cuda
     resume: bool = True  # continue from OUT.partial's last checkpoint of the same run
     force: bool = False  # replace an existing output made with other config/inputs
@@ -191,11 +191,12 @@ def run(config: TrainSftQatConfig) -> dict:
                                                  f"{row['tokens_per_s']:.0f} tok/s")
                 if (step + 1) % config.save_every == 0 and step + 1 < total:
                     save_step(trainer, state_root, step + 1, {"step": step + 1, "history": history})
+        model = trainer.gather_weights()
         if not trainer.is_main:
             trainer.barrier()
             return {"status": "complete", "rank": rank}
-        models.remove_fake_quant(trainer.model)
-        models.save_checkpoint(trainer.model, tokenizer, tmp)
+        models.remove_fake_quant(model)
+        models.save_checkpoint(model, tokenizer, tmp)
         shutil.rmtree(state_root, ignore_errors=True)
         metrics = _summary(history, examples, n_targets, trainer)
         manifest = out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics,

@@ -1,5 +1,5 @@
 """train-sft-qat: fake quant is active and trained through the STE, loss goes down, a killed run
-resumes bit-exactly, delayed / disabled fake quant is recorded, DeepSpeed ZeRO-2 matches."""
+resumes bit-exactly, delayed / disabled fake quant is recorded, DeepSpeed ZeRO-2 and ZeRO-3 match."""
 
 import json
 import os
@@ -143,13 +143,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_deepspeed_zero2_two_ranks_matches_plain_loop(tiny, tmp_path):
-    """ZeRO-2 over two gloo ranks on loopback gives the plain loop's loss curve (rtol 1e-4: the
-    reduction order of gradients differs) and fake quant is active under it (its first loss is
-    the fake-quant one, not the plain model's)."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_ranks_matches_plain_loop(tiny, tmp_path, stage):
+    """ZeRO-2 and ZeRO-3 (partitioned masters, fake quant on the gathered weight) over two gloo
+    ranks on loopback, two micro-batches per rank, give the plain loop's loss curve (rtol 1e-4:
+    the reduction order of gradients differs) and its final weights; fake quant is active under
+    it (its first loss is the fake-quant one, not the plain model's)."""
     pytest.importorskip("deepspeed")
     cfg = tmp_path / "ds.json"
-    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}))
     args = ["--data", ARITH, "--steps", "8", "--lr", "1e-3", "--batch-size", "8", "--micro-batch", "2", "--json"]
     plain = json.loads(qatctl("train-sft-qat", tiny, "--out", tmp_path / "plain", *args).stdout)["metrics"]
     noqat = json.loads(qatctl("train-sft-qat", tiny, "--out", tmp_path / "noqat", *args,
