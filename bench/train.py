@@ -127,7 +127,7 @@ def main() -> None:
               "unmaps, so they are page-faulted in afresh, and a profile showed fill_/add/log_softmax "
               "on them running ~3x slower while the ~425 MB of fake-quant w_hat copies are live. "
               "Trainer calls keep_freed_memory() (mallopt: no mmap for large blocks, no heap trim), so "
-              "freed blocks are reused without faults; the plain step gets faster too."]
+              "freed blocks are reused without faults."]
     write_section("train", lines)
 
 
