@@ -7,7 +7,7 @@ import torch
 from qatctl import models
 from qatctl.artifacts import read_artifact
 from qatctl.engines import SamplingParams, load_engine
-from qatctl.engines.embedded import EmbeddedEngine, Int4Linear
+from qatctl.engines.embedded import EmbeddedEngine, Int4Linear, RowInvariantLinear
 from qatctl.errors import QatctlError
 from qatctl.quant import QuantScheme, dequant, quantize
 
@@ -41,6 +41,23 @@ def test_int4_kernel_matches_dense_dequant_within_bf16(shape, group_size):
         assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() / bound).max()
         if m > 1:  # row-invariant in M: a row's result does not depend on the other rows
             assert torch.equal(lin(x[1:2]), got[1:2])
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_lm_head_linear_rows_independent_of_batch(monkeypatch, onednn):
+    """The lm_head / router linear gives each row the same bits alone and in any batch, on the
+    prepacked oneDNN path and on the chunked-matmul fallback, and matches x @ w.T in fp32."""
+    if not onednn:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(3000, 96, generator=g), torch.randn(45, 96, generator=g)
+    lin = RowInvariantLinear(w)
+    assert lin.kernel.startswith("mkldnn" if onednn and torch.backends.mkldnn.is_available() else "fp32 matmul")
+    alone = torch.cat([lin(r) for r in x.split(1)])
+    for n in (2, 7, 8, 9, 32, 45):
+        assert torch.equal(lin(x[:n]), alone[:n]), n
+    assert torch.equal(lin(x[3:20].view(1, 17, 96)), alone[3:20].unsqueeze(0))
+    torch.testing.assert_close(alone, x @ w.t(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

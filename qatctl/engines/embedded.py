@@ -9,8 +9,9 @@ in fp32.
 Batch invariance: a sequence's tokens and logprobs do not depend on what it is batched with.
 The int4 kernel is row-invariant in M; prefill runs each prompt alone; attention runs over
 each row's own length (rows of equal length share one call); the fp32 lm_head and MoE router
-run in fixed chunks of CHUNK_ROWS rows, since MKL's dense matmul result depends on M; sampling uses a
-generator per row.
+run as RowInvariantLinear (a oneDNN prepacked fp32 linear, checked row-invariant at load, else
+fixed chunks of CHUNK_ROWS rows, since MKL's sgemm result for a row depends on M); sampling uses
+a generator per row.
 """
 
 from __future__ import annotations
@@ -71,13 +72,68 @@ class DenseLinear:
         return self.weight.numel() * self.weight.element_size()
 
 
+class RowInvariantLinear:
+    """x @ w.T for a dense fp32 weight (lm_head, MoE router), each row's result independent of
+    how many rows are computed with it.
+
+    The fast path is oneDNN with the weight prepacked once (mkldnn._linear_pointwise): on this
+    AVX2 CPU, MKL's sgemm repacks the 113 MB SmolLM2 lm_head at every call and takes ~9.7 ms at
+    M=8 against ~2.7 ms here. Row invariance is checked at load on probe rows (each alone vs all
+    together); where it does not hold, or oneDNN is missing, the weight runs as a plain matmul in
+    fixed chunks of CHUNK_ROWS rows (MKL's row result depends on M, not on the other rows).
+    """
+
+    PROBE_ROWS = 33  # covers decode batches up to 32 plus one
+
+    def __init__(self, w: torch.Tensor):
+        self.weight = w.float().contiguous()
+        self.packed = self._pack()
+        self.kernel = "mkldnn prepacked fp32 linear" if self.packed is not None else \
+            f"fp32 matmul in chunks of {CHUNK_ROWS} rows"
+
+    def _pack(self):
+        if not torch.backends.mkldnn.is_available():
+            return None
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)
+            probe = torch.randn(self.PROBE_ROWS, self.weight.shape[1], generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                together = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+                alone = torch.cat([torch.ops.mkldnn._linear_pointwise(r, packed, None, "none", [], "")
+                                   for r in probe.split(1)])
+        except RuntimeError as e:  # an op this build lacks
+            log.info("oneDNN prepacked linear unavailable (%s); chunked matmul", e)
+            return None
+        if not torch.equal(together, alone):
+            log.info("oneDNN linear is not row-invariant on this CPU; chunked matmul")
+            return None
+        return packed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+        else:
+            n = flat.shape[0]
+            pad = (-n) % CHUNK_ROWS
+            if pad:
+                flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+            out = torch.cat([c @ self.weight.t() for c in flat.split(CHUNK_ROWS)])[:n]
+        return out.reshape(*x.shape[:-1], -1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * 4
+
+
 def _rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _rotate(x, cos, sin):  # HF convention: rotate_half over the two halves of head_dim
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def _rotate(x, cos, sin_signed):
+    """HF's x * cos + rotate_half(x) * sin, with rotate_half's sign folded into sin_signed
+    (= cat(-sin, sin) over the two halves of head_dim): the same products, one op fewer."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class _Weights:
@@ -141,11 +197,11 @@ class EmbeddedEngine:
         self.max_pos = cfg.get("max_position_embeddings", 4096)
         inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
         ang = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv)
-        ang = torch.cat([ang, ang], dim=-1)
-        self.cos, self.sin = ang.cos().float(), ang.sin().float()
+        self.cos = torch.cat([ang, ang], dim=-1).cos().float()
+        self.sin_signed = torch.cat([-ang.sin(), ang.sin()], dim=-1).float()
 
         self.embed = w.tensor("model.embed_tokens.weight").float()
-        self.lm_head = self.embed if not w.has("lm_head.weight") else w.tensor("lm_head.weight").float()
+        self.lm_head = RowInvariantLinear(w.tensor("lm_head.weight") if w.has("lm_head.weight") else self.embed)
         self.final_norm = w.tensor("model.norm.weight").float()
         self.layers = []
         qk_norm = self.model_type in ("qwen3", "qwen3_moe")
@@ -164,7 +220,7 @@ class EmbeddedEngine:
                 layer["k_norm"] = w.tensor(f"{p}.self_attn.k_norm.weight").float()
             if w.has(f"{p}.mlp.gate.weight"):  # MoE block
                 n_exp = cfg.get("num_experts") or cfg["num_local_experts"]
-                layer["router"] = w.tensor(f"{p}.mlp.gate.weight").float()
+                layer["router"] = RowInvariantLinear(w.tensor(f"{p}.mlp.gate.weight"))
                 layer["experts"] = [(w.linear(f"{p}.mlp.experts.{e}.gate_proj", f"{p}.mlp.experts.{e}.up_proj"),
                                      w.linear(f"{p}.mlp.experts.{e}.down_proj")) for e in range(n_exp)]
                 layer["top_k"], layer["norm_topk"] = cfg["num_experts_per_tok"], cfg.get("norm_topk_prob", True)
@@ -202,40 +258,38 @@ class EmbeddedEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         engine = cls(folder, cfg, w, tokenizer, eos_ids)
-        log.info("loaded %s (%s weights, kernel %s) in %.1fs", folder, weights, engine.kernel, time.perf_counter() - t0)
+        log.info("loaded %s (%s weights, kernel %s, lm_head %s) in %.1fs", folder, weights, engine.kernel,
+                 engine.lm_head.kernel, time.perf_counter() - t0)
         return engine
 
     # ------------------------------------------------------------------ model
 
-    def _attn_mlp(self, layer, x, positions, caches, lengths):
+    def _attn_mlp(self, layer, x, rope, caches, lengths):
         """One decoder layer over rows x [B, T, H]; row b's cache gets T new entries at lengths[b]."""
         B, T, _ = x.shape
         h = _rms_norm(x, layer["in_norm"], self.eps)
         qkv = layer["qkv"](h)
-        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q = qkv[..., :nq].view(B, T, self.n_heads, self.head_dim)
-        k = qkv[..., nq:nq + nk].view(B, T, self.n_kv, self.head_dim)
-        v = qkv[..., nq + nk:].view(B, T, self.n_kv, self.head_dim)
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        qk = qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd)
         if "q_norm" in layer:
-            q, k = _rms_norm(q, layer["q_norm"], self.eps), _rms_norm(k, layer["k_norm"], self.eps)
-        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [B, T, 1, hd]
-        q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
-        out = torch.empty(B, self.n_heads, T, self.head_dim)
+            q, k = qk.split([nh, nkv], dim=2)
+            qk = torch.cat([_rms_norm(q, layer["q_norm"], self.eps), _rms_norm(k, layer["k_norm"], self.eps)], dim=2)
+        qk = _rotate(qk, *rope).transpose(1, 2)  # q and k heads share the rotation: one pass for both
+        q, k = qk[:, :nh], qk[:, nh:]
+        v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd).transpose(1, 2)
         groups: dict[int, list[int]] = {}
         for b in range(B):
             kc, vc = caches[b]
             kc[:, lengths[b]:lengths[b] + T] = k[b]
             vc[:, lengths[b]:lengths[b] + T] = v[b]
             groups.setdefault(lengths[b], []).append(b)
-        for start, rows in groups.items():  # rows of equal length attend in one call
-            end = start + T
-            kk = torch.stack([caches[b][0][:, :end] for b in rows])
-            vv = torch.stack([caches[b][1][:, :end] for b in rows])
-            out[rows] = F.scaled_dot_product_attention(q[rows], kk, vv, is_causal=T > 1 and start == 0,
-                                                       attn_mask=_prefix_causal(T, start) if T > 1 and start else None,
-                                                       enable_gqa=True)
-        x = x + layer["o"](out.transpose(1, 2).reshape(B, T, nq))
+        if len(groups) == 1:  # every row at the same length (batch 1, GRPO samples of one prompt)
+            out = _attend(q, caches, groups[lengths[0]], lengths[0], T)
+        else:
+            out = torch.empty(B, nh, T, hd)
+            for start, rows in groups.items():  # rows of equal length attend in one call
+                out[rows] = _attend(q[rows], caches, rows, start, T)
+        x = x + layer["o"](out.transpose(1, 2).reshape(B, T, nh * hd))
         h = _rms_norm(x, layer["post_norm"], self.eps)
         return x + (self._moe(layer, h) if "router" in layer else self._mlp(layer["gate_up"], layer["down"], h))
 
@@ -247,7 +301,7 @@ class EmbeddedEngine:
     def _moe(self, layer, h):
         shape = h.shape
         flat = h.reshape(-1, shape[-1])
-        probs = torch.softmax(_chunked_matmul(flat, layer["router"]), dim=-1)
+        probs = torch.softmax(layer["router"](flat), dim=-1)
         weights, experts = probs.topk(layer["top_k"], dim=-1)
         if layer["norm_topk"]:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -260,12 +314,13 @@ class EmbeddedEngine:
 
     def _forward(self, tokens, positions, caches, lengths):
         x = self.embed[tokens]
+        rope = self.cos[positions].unsqueeze(2), self.sin_signed[positions].unsqueeze(2)  # [B, T, 1, hd]
         for i, layer in enumerate(self.layers):
-            x = self._attn_mlp(layer, x, positions, [c[i] for c in caches], lengths)
+            x = self._attn_mlp(layer, x, rope, [c[i] for c in caches], lengths)
         return _rms_norm(x, self.final_norm, self.eps)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return _chunked_matmul(h, self.lm_head)
+        return self.lm_head(h)
 
     def _new_cache(self, length):
         return [(torch.zeros(self.n_kv, length, self.head_dim), torch.zeros(self.n_kv, length, self.head_dim))
@@ -358,22 +413,21 @@ class EmbeddedEngine:
     def info(self) -> dict:
         return {"engine": "embedded", "model": str(self.folder), "model_type": self.model_type,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes,
-                "lm_head_bytes": self.lm_head.numel() * 4, "threads": torch.get_num_threads()}
+                "lm_head_bytes": self.lm_head.nbytes, "lm_head_kernel": self.lm_head.kernel, "threads": torch.get_num_threads()}
 
 
-def _chunked_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T for dense fp32 weights (lm_head, MoE router) in fixed chunks of CHUNK_ROWS rows.
-
-    MKL's fp32 result for a row depends on M but not on the other rows' values, so a fixed M
-    keeps a row's output independent of what it is batched with.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-    n = flat.shape[0]
-    pad = (-n) % CHUNK_ROWS
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
-    out = torch.cat([c @ w.t() for c in flat.split(CHUNK_ROWS)])
-    return out[:n].reshape(*x.shape[:-1], -1)
+def _attend(q, caches, rows, start, T):
+    """SDPA of rows' T new queries over their caches' first start + T entries (a view, no copy,
+    for a single row)."""
+    end = start + T
+    if len(rows) == 1:
+        kk, vv = (c[:, :end].unsqueeze(0) for c in caches[rows[0]])
+    else:
+        kk = torch.stack([caches[b][0][:, :end] for b in rows])
+        vv = torch.stack([caches[b][1][:, :end] for b in rows])
+    return F.scaled_dot_product_attention(q, kk, vv, is_causal=T > 1 and start == 0,
+                                          attn_mask=_prefix_causal(T, start) if T > 1 and start else None,
+                                          enable_gqa=True)
 
 
 def _linears(layer):
