@@ -46,6 +46,7 @@ class ServeConfig:
     api_key: str | None = None  # require `Authorization: Bearer KEY` (all routes but /health)
     backend: str = "embedded"  # embedded (this process, CPU int4 kernel) or sglang (GPU)
     weights: str = "int4"  # embedded: int4 (4-bit kernel) or fp32 / bf16 dense baselines
+    device: str = "auto"  # embedded: auto (CUDA when present), cpu or cuda
     max_batch: int = 32  # requests per decode batch
     batch_wait_ms: float = 5.0  # how long the scheduler gathers requests after the first
     threads: int | None = None  # torch threads for the engine (default: torch's)
@@ -241,7 +242,7 @@ class Server:
             try:
                 if self.config.weights == "int4":
                     read_artifact(Path(model_path), "int4-checkpoint")
-                new = load_engine(model_path, weights=self.config.weights)
+                new = load_engine(model_path, weights=self.config.weights, device=self.config.device)
             except QatctlError as e:
                 return False, str(e)
             old_vocab = self.engine.embed.shape[0]
@@ -543,6 +544,8 @@ def _validate(config: ServeConfig) -> None:
         raise QatctlError(f"--backend {config.backend!r}: expected embedded or sglang")
     if config.weights not in ("int4", "fp32", "bf16"):
         raise QatctlError(f"--weights {config.weights!r}: expected int4, fp32 or bf16")
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise QatctlError(f"--device {config.device!r}: expected auto, cpu or cuda")
     if not 0 < config.port < 65536:
         raise QatctlError(f"--port {config.port}: expected 1-65535")
     if config.max_batch < 1:
@@ -566,10 +569,10 @@ def run(config: ServeConfig) -> dict:
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    engine = load_engine(config.ckpt, weights=config.weights)
+    engine = load_engine(config.ckpt, weights=config.weights, device=config.device)
     server = Server(engine, config)
     console.print(f"serving {config.ckpt} on http://{config.host}:{config.port} — engine embedded, kernel "
-                  f"{engine.kernel}, {torch.get_num_threads()} threads, batches up to {config.max_batch} "
+                  f"{engine.kernel} on {engine.device}, {torch.get_num_threads()} threads, batches up to {config.max_batch} "
                   f"(gather {config.batch_wait_ms} ms)" + (", API key required" if config.api_key else ""))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     uvicorn.run(server.app, host=config.host, port=config.port, log_level="warning")

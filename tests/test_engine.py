@@ -43,6 +43,56 @@ def test_int4_kernel_matches_dense_dequant_within_bf16(shape, group_size):
             assert torch.equal(lin(x[1:2]), got[1:2])
 
 
+def test_int4_packing_is_proven_at_load():
+    """The load-time check compares the kernel with the dense dequantized matmul and refuses a
+    packing that does not match (here: the nibbles of another weight)."""
+    g = torch.Generator().manual_seed(1)
+    q, scale = quantize(torch.randn(64, 128, generator=g) * 0.05, QuantScheme(group_size=32))
+    lin = Int4Linear(q, scale, 32, check=True)
+    other, _ = quantize(torch.randn(64, 128, generator=g) * 0.05, QuantScheme(group_size=32))
+    lin.packed = Int4Linear(other, scale, 32).packed
+    with pytest.raises(QatctlError, match="differs from the dense dequantized matmul"):
+        lin._check(q, scale)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_engine_device_cuda_refused_without_gpu(tiny_pairs):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(QatctlError, match="no CUDA device"):
+        load_engine(tiny_pairs["tiny-llama"][1], device="cuda")
+    assert load_engine(tiny_pairs["tiny-llama"][1]).info()["device"] == "cpu"
+
+
+@CUDA
+@pytest.mark.parametrize("shape,group_size", [((576, 576), 32), ((1536, 576), 32), ((576, 1536), 128)])
+def test_int4_cuda_kernel_matches_dense_dequant(shape, group_size):
+    torch.manual_seed(0)
+    q, scale = quantize(torch.randn(shape) * 0.05, QuantScheme(group_size=group_size))
+    lin = Int4Linear(q, scale, group_size, torch.device("cuda"), check=True)
+    x = torch.randn(5, shape[1])
+    xb, wd = x.to(torch.bfloat16).float(), dequant(q, scale, group_size).float()
+    ref = xb @ wd.t()
+    got = lin(x.cuda()).cpu()
+    bound = 2**-8 * (xb.abs() @ wd.abs().t()) + 2**-8 * ref.abs() + 1e-6
+    assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() / bound).max()
+
+
+@CUDA
+@pytest.mark.parametrize("preset", PRESETS)
+def test_int4_engine_on_cuda_close_to_fake_quant(tiny_pairs, preset):
+    ckpt, int4 = tiny_pairs[preset]
+    eng = load_engine(int4, device="cuda")
+    assert eng.kernel.startswith("aten._weight_int4pack_mm (CUDA")
+    ids = list(range(3, 40))
+    got = torch.tensor(eng.score([ids[:9]], [ids[9:]])[0])
+    assert (got - fake_quant_logprobs(ckpt, ids, 9)).abs().max() < 0.02
+    out = eng.generate([ids[:9]], SamplingParams(temperature=0.8, max_new_tokens=8, seed=3))[0]
+    assert out == eng.generate([ids[:9]], SamplingParams(temperature=0.8, max_new_tokens=8, seed=3))[0]
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 def test_lm_head_linear_rows_independent_of_batch(monkeypatch, onednn):
     """The lm_head / router linear gives each row the same bits alone and in any batch, on the

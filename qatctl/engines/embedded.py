@@ -6,7 +6,12 @@ zero 0) and runs `_weight_int4pack_mm_for_cpu` with BF16 activations. q/k/v and 
 fused into one kernel call each. Norms, RoPE, attention, softmax and the residual stream run
 in fp32.
 
-Batch invariance: a sequence's tokens and logprobs do not depend on what it is batched with.
+On CUDA (device auto or cuda) the same code runs on the GPU: the int4 linears on tinygemm
+(`_weight_int4pack_mm`, packing proven against the dense matmul at load), the lm_head as fixed
+chunks of cuBLAS fp32 matmul; sampling stays on the CPU. Not yet measured on a GPU here, and
+batch invariance there is not established.
+
+Batch invariance (CPU): a sequence's tokens and logprobs do not depend on what it is batched with.
 The int4 kernel is row-invariant in M; prefill runs each prompt alone; attention runs over
 each row's own length (rows of equal length share one call); the fp32 lm_head and MoE router
 run as RowInvariantLinear (a oneDNN prepacked fp32 linear, checked row-invariant at load, else
@@ -32,24 +37,55 @@ from qatctl.quant import dequant, unpack
 log = logging.getLogger("qatctl.engine")
 CHUNK_ROWS = 8
 SUPPORTED = ("llama", "qwen3", "qwen3_moe")
+CPU = torch.device("cpu")
 
 
 class Int4Linear:
-    """y = x @ (q * scale).T on the CPU int4 kernel (BF16 in, BF16 out)."""
+    """y = x @ (q * scale).T on a 4-bit kernel (BF16 in, BF16 out), the weight never dense.
 
-    kernel = "aten._weight_int4pack_mm_for_cpu"
+    CPU: aten._weight_int4pack_mm_for_cpu. CUDA: aten._weight_int4pack_mm (tinygemm), packed
+    from [N, K/2] bytes (even column in the high nibble) with the largest inner k-tiles that
+    divide K. Both dequantize (u - 8) * scale + zero: symmetric q maps exactly as u = q + 8,
+    zero 0. `check=True` compares the kernel with the dense dequantized matmul on probe rows
+    and refuses to run on a mismatch (a packing layout that differs on this build).
+    """
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, device: torch.device = CPU,
+                 check: bool = False):
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
+        u = q.to(torch.int32) + 8
         scale_t = scale.to(torch.bfloat16).t().contiguous()  # [in/group, out]
-        self.scales_and_zeros = torch.stack([scale_t, torch.zeros_like(scale_t)], dim=-1).contiguous()
+        self.scales_and_zeros = torch.stack([scale_t, torch.zeros_like(scale_t)], dim=-1).contiguous().to(device)
+        if device.type == "cuda":
+            tiles = next((t for t in (8, 4, 2) if self.in_features % (t * 16) == 0), None)
+            if tiles is None or self.out_features % 8 or group_size not in (32, 64, 128, 256):
+                raise QatctlError(f"int4 on CUDA: a [{self.out_features}, {self.in_features}] weight with group "
+                                  f"size {group_size} does not fit the tinygemm kernel (in % 32, out % 8, "
+                                  "group 32-256)")
+            pairs = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8).to(device)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+            self._mm, self.kernel = torch.ops.aten._weight_int4pack_mm, "aten._weight_int4pack_mm (CUDA tinygemm)"
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+            self._mm, self.kernel = torch.ops.aten._weight_int4pack_mm_for_cpu, "aten._weight_int4pack_mm_for_cpu"
+        if check:
+            self._check(q, scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                        self.packed, self.group_size, self.scales_and_zeros)
+        y = self._mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size,
+                     self.scales_and_zeros)
         return y.reshape(*x.shape[:-1], self.out_features).float()
+
+    def _check(self, q, scale):
+        w = dequant(q, scale, self.group_size).float()
+        x = torch.randn(4, self.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+        got = self(x.to(self.packed.device)).cpu()
+        ref = x.float() @ w.t()
+        bound = 2**-7 * (x.float().abs() @ w.abs().t()) + 1e-5
+        if not ((got - ref).abs() <= bound).all():
+            raise QatctlError(f"{self.kernel}: output differs from the dense dequantized matmul "
+                              f"(max error {(got - ref).abs().max():.3g}); the int4 packing does not match this build")
 
     @property
     def nbytes(self) -> int:
@@ -59,8 +95,8 @@ class Int4Linear:
 class DenseLinear:
     """Baseline: a dense weight in fp32 or BF16."""
 
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
-        self.weight = w.to(dtype).contiguous()
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype, device: torch.device = CPU):
+        self.weight = w.to(device=device, dtype=dtype).contiguous()
         self.out_features, self.in_features = w.shape
         self.kernel = f"dense {str(dtype).removeprefix('torch.')} matmul"
 
@@ -85,9 +121,9 @@ class RowInvariantLinear:
 
     PROBE_ROWS = 33  # covers decode batches up to 32 plus one
 
-    def __init__(self, w: torch.Tensor):
-        self.weight = w.float().contiguous()
-        self.packed = self._pack()
+    def __init__(self, w: torch.Tensor, device: torch.device = CPU):
+        self.weight = w.to(device=device, dtype=torch.float32).contiguous()
+        self.packed = self._pack() if device.type == "cpu" else None  # cuBLAS: fixed chunks
         self.kernel = "mkldnn prepacked fp32 linear" if self.packed is not None else \
             f"fp32 matmul in chunks of {CHUNK_ROWS} rows"
 
@@ -139,7 +175,7 @@ def _rotate(x, cos, sin_signed):
 class _Weights:
     """Reads an HF folder (int4 pack-quantized or dense) tensor by tensor."""
 
-    def __init__(self, folder: Path, weights: str):
+    def __init__(self, folder: Path, weights: str, device: torch.device):
         from safetensors import safe_open
 
         self.handles = [safe_open(p, "pt") for p in sorted(folder.glob("*.safetensors"))]
@@ -158,10 +194,15 @@ class _Weights:
         if weights == "int4" and not self.int4:
             raise QatctlError(f"{folder}: not an int4-checkpoint (no pack-quantized quantization_config); "
                               "pass weights='fp32' or 'bf16' to run it dense")
-        self.mode = weights
+        self.mode, self.device = weights, device
+        self.checked = False
 
     def tensor(self, key):
         return self.where[key].get_tensor(key)
+
+    def vector(self, key):
+        """A norm weight etc., fp32 on the engine's device."""
+        return self.tensor(key).to(device=self.device, dtype=torch.float32)
 
     def has(self, key):
         return key in self.where
@@ -176,16 +217,18 @@ class _Weights:
                 scales.append(self.tensor(f"{m}.weight_scale"))
             q, scale = torch.cat(qs), torch.cat(scales)
             if self.mode == "int4":
-                return Int4Linear(q, scale, self.group_size)
+                check, self.checked = not self.checked, True  # the first one proves the packing
+                return Int4Linear(q, scale, self.group_size, self.device, check=check)
             w = dequant(q, scale, self.group_size)  # dense baseline of the same INT4 weights
         else:
             w = torch.cat([self.tensor(f"{m}.weight") for m in modules])
-        return DenseLinear(w.float(), torch.bfloat16 if self.mode == "bf16" else torch.float32)
+        return DenseLinear(w.float(), torch.bfloat16 if self.mode == "bf16" else torch.float32, self.device)
 
 
 class EmbeddedEngine:
     def __init__(self, folder: Path, cfg: dict, w: _Weights, tokenizer, eos_ids: set[int]):
         self.folder, self.cfg, self.tokenizer, self.eos_ids = folder, cfg, tokenizer, eos_ids
+        self.device = w.device
         self.model_type = cfg["model_type"]
         self.n_heads, self.n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
         self.hidden = cfg["hidden_size"]
@@ -197,12 +240,13 @@ class EmbeddedEngine:
         self.max_pos = cfg.get("max_position_embeddings", 4096)
         inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
         ang = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv)
-        self.cos = torch.cat([ang, ang], dim=-1).cos().float()
-        self.sin_signed = torch.cat([-ang.sin(), ang.sin()], dim=-1).float()
+        self.cos = torch.cat([ang, ang], dim=-1).cos().float().to(self.device)
+        self.sin_signed = torch.cat([-ang.sin(), ang.sin()], dim=-1).float().to(self.device)
 
-        self.embed = w.tensor("model.embed_tokens.weight").float()
-        self.lm_head = RowInvariantLinear(w.tensor("lm_head.weight") if w.has("lm_head.weight") else self.embed)
-        self.final_norm = w.tensor("model.norm.weight").float()
+        self.embed = w.vector("model.embed_tokens.weight")
+        self.lm_head = RowInvariantLinear(w.tensor("lm_head.weight") if w.has("lm_head.weight") else self.embed,
+                                          self.device)
+        self.final_norm = w.vector("model.norm.weight")
         self.layers = []
         qk_norm = self.model_type in ("qwen3", "qwen3_moe")
         for i in range(cfg["num_hidden_layers"]):
@@ -210,17 +254,17 @@ class EmbeddedEngine:
             if w.has(f"{p}.self_attn.q_proj.bias"):
                 raise QatctlError(f"{folder}: attention biases are not supported by the embedded engine")
             layer = {
-                "in_norm": w.tensor(f"{p}.input_layernorm.weight").float(),
-                "post_norm": w.tensor(f"{p}.post_attention_layernorm.weight").float(),
+                "in_norm": w.vector(f"{p}.input_layernorm.weight"),
+                "post_norm": w.vector(f"{p}.post_attention_layernorm.weight"),
                 "qkv": w.linear(f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"),
                 "o": w.linear(f"{p}.self_attn.o_proj"),
             }
             if qk_norm:
-                layer["q_norm"] = w.tensor(f"{p}.self_attn.q_norm.weight").float()
-                layer["k_norm"] = w.tensor(f"{p}.self_attn.k_norm.weight").float()
+                layer["q_norm"] = w.vector(f"{p}.self_attn.q_norm.weight")
+                layer["k_norm"] = w.vector(f"{p}.self_attn.k_norm.weight")
             if w.has(f"{p}.mlp.gate.weight"):  # MoE block
                 n_exp = cfg.get("num_experts") or cfg["num_local_experts"]
-                layer["router"] = RowInvariantLinear(w.tensor(f"{p}.mlp.gate.weight"))
+                layer["router"] = RowInvariantLinear(w.tensor(f"{p}.mlp.gate.weight"), self.device)
                 layer["experts"] = [(w.linear(f"{p}.mlp.experts.{e}.gate_proj", f"{p}.mlp.experts.{e}.up_proj"),
                                      w.linear(f"{p}.mlp.experts.{e}.down_proj")) for e in range(n_exp)]
                 layer["top_k"], layer["norm_topk"] = cfg["num_experts_per_tok"], cfg.get("norm_topk_prob", True)
@@ -235,9 +279,10 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, path, weights: str = "int4"):
+    def load(cls, path, weights: str = "int4", device: str = "auto"):
         """weights: 'int4' (the 4-bit kernel; needs an int4-checkpoint), or 'fp32' / 'bf16' to run
-        any HF folder dense (an int4-checkpoint is then dequantized: a baseline, never the default)."""
+        any HF folder dense (an int4-checkpoint is then dequantized: a baseline, never the default).
+        device: auto (CUDA when present), cpu or cuda."""
         from transformers import AutoTokenizer, GenerationConfig
 
         folder = Path(path)
@@ -248,7 +293,9 @@ class EmbeddedEngine:
             raise QatctlError(f"{folder}/config.json: model_type {cfg.get('model_type')!r} is not supported by the "
                               f"embedded engine ({', '.join(SUPPORTED)})")
         t0 = time.perf_counter()
-        w = _Weights(folder, weights)
+        from qatctl.train import device_and_dtype
+
+        w = _Weights(folder, weights, device_and_dtype(device)[0])
         tokenizer = AutoTokenizer.from_pretrained(folder)
         eos = cfg.get("eos_token_id")
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -258,8 +305,8 @@ class EmbeddedEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         engine = cls(folder, cfg, w, tokenizer, eos_ids)
-        log.info("loaded %s (%s weights, kernel %s, lm_head %s) in %.1fs", folder, weights, engine.kernel,
-                 engine.lm_head.kernel, time.perf_counter() - t0)
+        log.info("loaded %s on %s (%s weights, kernel %s, lm_head %s) in %.1fs", folder, engine.device, weights,
+                 engine.kernel, engine.lm_head.kernel, time.perf_counter() - t0)
         return engine
 
     # ------------------------------------------------------------------ model
@@ -286,7 +333,7 @@ class EmbeddedEngine:
         if len(groups) == 1:  # every row at the same length (batch 1, GRPO samples of one prompt)
             out = _attend(q, caches, groups[lengths[0]], lengths[0], T)
         else:
-            out = torch.empty(B, nh, T, hd)
+            out = torch.empty(B, nh, T, hd, device=x.device)
             for start, rows in groups.items():  # rows of equal length attend in one call
                 out[rows] = _attend(q[rows], caches, rows, start, T)
         x = x + layer["o"](out.transpose(1, 2).reshape(B, T, nh * hd))
@@ -323,12 +370,13 @@ class EmbeddedEngine:
         return self.lm_head(h)
 
     def _new_cache(self, length):
-        return [(torch.zeros(self.n_kv, length, self.head_dim), torch.zeros(self.n_kv, length, self.head_dim))
+        shape = (self.n_kv, length, self.head_dim)
+        return [(torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
                 for _ in self.layers]
 
     def _prefill(self, ids: list[int], cache) -> torch.Tensor:
-        t = torch.tensor([ids])
-        h = self._forward(t, torch.arange(len(ids)).unsqueeze(0), [cache], [0])
+        t = torch.tensor([ids], device=self.device)
+        h = self._forward(t, torch.arange(len(ids), device=self.device).unsqueeze(0), [cache], [0])
         return h[0]
 
     # ------------------------------------------------------------------ interface
@@ -352,7 +400,7 @@ class EmbeddedEngine:
         lengths = [len(p) for p in prompts]
         last_h = torch.stack([self._prefill(p, c)[-1] for p, c in zip(prompts, caches, strict=True)])
         active = [b for b in range(B) if params[b].max_new_tokens > 0]
-        logits = self._logits(last_h)
+        logits = self._logits(last_h).cpu()  # sampling runs on CPU with per-row CPU generators
         while active:
             next_tokens = []
             for row, b in enumerate(active):
@@ -378,12 +426,12 @@ class EmbeddedEngine:
             active = still
             if not active:
                 break
-            tokens = torch.tensor([[next_tokens[i]] for i in keep])
-            pos = torch.tensor([[lengths[b]] for b in active])
+            tokens = torch.tensor([[next_tokens[i]] for i in keep], device=self.device)
+            pos = torch.tensor([[lengths[b]] for b in active], device=self.device)
             h = self._forward(tokens, pos, [caches[b] for b in active], [lengths[b] for b in active])
             for b in active:
                 lengths[b] += 1
-            logits = self._logits(h[:, -1])
+            logits = self._logits(h[:, -1]).cpu()
         for o, sp in zip(outs, params, strict=True):
             o.text = self.tokenizer.decode(o.output_ids, skip_special_tokens=True)
             if sp.stop:
@@ -405,7 +453,8 @@ class EmbeddedEngine:
                 raise QatctlError(f"score: {len(ids)} tokens exceed the model's {self.max_pos} positions")
             h = self._prefill(ids, self._new_cache(len(ids)))
             logits = self._logits(h[len(p) - 1:len(ids) - 1])
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(c).unsqueeze(-1)).squeeze(-1)
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(c, device=self.device).unsqueeze(-1))
+            lp = lp.squeeze(-1)
             result.append(lp.tolist())
             tops.append(logits.argmax(-1).tolist())
         return (result, tops) if with_argmax else result
@@ -413,7 +462,8 @@ class EmbeddedEngine:
     def info(self) -> dict:
         return {"engine": "embedded", "model": str(self.folder), "model_type": self.model_type,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes,
-                "lm_head_bytes": self.lm_head.nbytes, "lm_head_kernel": self.lm_head.kernel, "threads": torch.get_num_threads()}
+                "lm_head_bytes": self.lm_head.nbytes, "lm_head_kernel": self.lm_head.kernel, "threads": torch.get_num_threads(),
+                "device": str(self.device)}
 
 
 def _attend(q, caches, rows, start, T):
@@ -426,7 +476,7 @@ def _attend(q, caches, rows, start, T):
         kk = torch.stack([caches[b][0][:, :end] for b in rows])
         vv = torch.stack([caches[b][1][:, :end] for b in rows])
     return F.scaled_dot_product_attention(q, kk, vv, is_causal=T > 1 and start == 0,
-                                          attn_mask=_prefix_causal(T, start) if T > 1 and start else None,
+                                          attn_mask=_prefix_causal(T, start, q.device) if T > 1 and start else None,
                                           enable_gqa=True)
 
 
@@ -438,10 +488,10 @@ def _linears(layer):
         yield from pair
 
 
-def _prefix_causal(T, start):
+def _prefix_causal(T, start, device):
     """Mask for T new queries after `start` cached keys: each sees the prefix and its causal part."""
-    m = torch.ones(T, start + T, dtype=torch.bool)
-    m[:, start:] = torch.ones(T, T, dtype=torch.bool).tril()
+    m = torch.ones(T, start + T, dtype=torch.bool, device=device)
+    m[:, start:] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     return m
 
 
