@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,60 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _torchrun(tiny, out, cfg, *args):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "qatctl.cli", "train-sft-qat", tiny, "--out", out,
+           *args, "--deepspeed", cfg]
+    log = open(Path(str(out) + ".log"), "a")  # a file, not a pipe: nobody reads while it runs
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(proc, out) -> str:
+    """Wait for a _torchrun process; its output."""
+    proc.wait(timeout=900)
+    return Path(str(out) + ".log").read_text()
+
+
+def _kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line names `marker` (torchrun's workers outlive it)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def test_deepspeed_zero3_kill_9_then_resume_equals_uninterrupted(tiny, tmp_path):
+    """ZeRO-3 state (partitioned masters and AdamW) saved by every rank: kill -9 of the launcher
+    and both workers after a checkpoint, re-run, and the weights equal an uninterrupted run's."""
+    pytest.importorskip("deepspeed")
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    args = ["--data", ARITH, "--steps", "60", "--save-every", "4", "--lr", "1e-3", "--batch-size", "8",
+            "--micro-batch", "2"]
+    straight = _torchrun(tiny, tmp_path / "straight", cfg, *args)
+    log = _finish(straight, tmp_path / "straight")
+    assert straight.returncode == 0, log[-4000:]
+    killed = tmp_path / "killed"
+    proc = _torchrun(tiny, killed, cfg, *args)
+    state = killed.with_name("killed.partial") / "state"
+    deadline = time.time() + 600
+    while not any(state.glob("step-0000[01][0-9]")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    _kill_all(str(killed))
+    proc.wait()
+    assert not killed.exists() and state.is_dir()
+    again = _torchrun(tiny, killed, cfg, *args)
+    log = _finish(again, killed)
+    assert again.returncode == 0 and "resuming from" in log, log[-4000:]
+    a, b = weights(tmp_path / "straight"), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_ranks_matches_plain_loop(tiny, tmp_path, stage):
     """ZeRO-2 and ZeRO-3 (partitioned masters, fake quant on the gathered weight) over two gloo
@@ -156,13 +211,9 @@ def test_deepspeed_two_ranks_matches_plain_loop(tiny, tmp_path, stage):
     plain = json.loads(qatctl("train-sft-qat", tiny, "--out", tmp_path / "plain", *args).stdout)["metrics"]
     noqat = json.loads(qatctl("train-sft-qat", tiny, "--out", tmp_path / "noqat", *args,
                               "--no-fake-quant").stdout)["metrics"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "qatctl.cli", "train-sft-qat", tiny, "--out", tmp_path / "ds",
-           *args, "--deepspeed", cfg]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
+    p = _torchrun(tiny, tmp_path / "ds", cfg, *args)
+    log = _finish(p, tmp_path / "ds")
+    assert p.returncode == 0, log[-4000:]
     manifest = json.loads((tmp_path / "ds" / "qatctl.json").read_text())
     ds = manifest["metrics"]
     assert ds["backend"] == "deepspeed" and ds["world_size"] == 2 and ds["fake_quant_steps"] == 8
