@@ -155,7 +155,11 @@ def main() -> None:
               f"- Peak RSS of the benchmark process: {rss:.0f} MB.",
               "- Limits: the fp32 lm_head (tied embeddings, 49152 x 576, 113 MB) is read at the streaming "
               "bandwidth; the INT4 kernel reaches about half of it on these small matrices (its unpacking "
-              "is compute-bound at 2 threads); the rest is per-op overhead of ~40 small ops x 30 layers."]
+              "is compute-bound at 2 threads); the rest is per-op overhead of ~40 small ops x 30 layers.",
+              f"- Batch 32: the INT4 kernel's unpacking grows with the rows, and dense BF16 "
+              f"({rows[2][1][32]:.0f} tok/s) beats INT4 ({rows[0][1][32]:.0f}). The engine stays on INT4: "
+              "BF16 cannot hold q * scale exactly (up to 11 significant bits), so a dense BF16 rollout "
+              "would not be the model the trainer's fake quant sees."]
     write_section("engine", lines)
 
 

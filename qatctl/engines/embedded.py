@@ -4,7 +4,8 @@ Weights of an int4-checkpoint stay 4-bit: each target Linear is repacked at load
 running CPU (`_convert_weight_to_int4pack_for_cpu`, symmetric maps exactly as u = q + 8,
 zero 0) and runs `_weight_int4pack_mm_for_cpu` with BF16 activations. q/k/v and gate/up are
 fused into one kernel call each. Norms, RoPE, attention, softmax and the residual stream run
-in fp32.
+in fp32. The KV cache of a generate() call is one [batch, kv heads, length, head_dim] tensor
+per layer; rows at the same length that sit next to each other attend over a view of it.
 
 On CUDA (device auto or cuda) the same code runs on the GPU: the int4 linears on tinygemm
 (`_weight_int4pack_mm`, packing proven against the dense matmul at load), the lm_head as fixed
@@ -311,8 +312,9 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ model
 
-    def _attn_mlp(self, layer, x, rope, caches, lengths):
-        """One decoder layer over rows x [B, T, H]; row b's cache gets T new entries at lengths[b]."""
+    def _attn_mlp(self, layer, x, rope, cache, rows, lengths):
+        """One decoder layer over x [B, T, H]: x's row i is cache row rows[i], whose cache gets T
+        new entries at lengths[i]."""
         B, T, _ = x.shape
         h = _rms_norm(x, layer["in_norm"], self.eps)
         qkv = layer["qkv"](h)
@@ -325,17 +327,14 @@ class EmbeddedEngine:
         q, k = qk[:, :nh], qk[:, nh:]
         v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd).transpose(1, 2)
         groups: dict[int, list[int]] = {}
-        for b in range(B):
-            kc, vc = caches[b]
-            kc[:, lengths[b]:lengths[b] + T] = k[b]
-            vc[:, lengths[b]:lengths[b] + T] = v[b]
-            groups.setdefault(lengths[b], []).append(b)
+        for i, n in enumerate(lengths):
+            groups.setdefault(n, []).append(i)
         if len(groups) == 1:  # every row at the same length (batch 1, GRPO samples of one prompt)
-            out = _attend(q, caches, groups[lengths[0]], lengths[0], T)
+            out = _attend(q, k, v, cache, rows, lengths[0])
         else:
             out = torch.empty(B, nh, T, hd, device=x.device)
-            for start, rows in groups.items():  # rows of equal length attend in one call
-                out[rows] = _attend(q[rows], caches, rows, start, T)
+            for start, idx in groups.items():  # rows of equal length attend in one call
+                out[idx] = _attend(q[idx], k[idx], v[idx], cache, [rows[i] for i in idx], start)
         x = x + layer["o"](out.transpose(1, 2).reshape(B, T, nh * hd))
         h = _rms_norm(x, layer["post_norm"], self.eps)
         return x + (self._moe(layer, h) if "router" in layer else self._mlp(layer["gate_up"], layer["down"], h))
@@ -359,24 +358,25 @@ class EmbeddedEngine:
             out.index_add_(0, rows, y * weights[rows, slot].unsqueeze(-1))
         return out.reshape(shape)
 
-    def _forward(self, tokens, positions, caches, lengths):
+    def _forward(self, tokens, positions, cache, rows, lengths):
         x = self.embed[tokens]
         rope = self.cos[positions].unsqueeze(2), self.sin_signed[positions].unsqueeze(2)  # [B, T, 1, hd]
         for i, layer in enumerate(self.layers):
-            x = self._attn_mlp(layer, x, rope, [c[i] for c in caches], lengths)
+            x = self._attn_mlp(layer, x, rope, cache[i], rows, lengths)
         return _rms_norm(x, self.final_norm, self.eps)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
 
-    def _new_cache(self, length):
-        shape = (self.n_kv, length, self.head_dim)
+    def _new_cache(self, rows: int, length: int):
+        """Per layer (K, V), each [rows, kv heads, length, head_dim]: row b is one sequence."""
+        shape = (rows, self.n_kv, length, self.head_dim)
         return [(torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
                 for _ in self.layers]
 
-    def _prefill(self, ids: list[int], cache) -> torch.Tensor:
+    def _prefill(self, ids: list[int], cache, row: int) -> torch.Tensor:
         t = torch.tensor([ids], device=self.device)
-        h = self._forward(t, torch.arange(len(ids), device=self.device).unsqueeze(0), [cache], [0])
+        h = self._forward(t, torch.arange(len(ids), device=self.device).unsqueeze(0), cache, [row], [0])
         return h[0]
 
     # ------------------------------------------------------------------ interface
@@ -396,9 +396,9 @@ class EmbeddedEngine:
                                   f"{params[i].max_new_tokens} exceeds the model's {self.max_pos} positions")
         outs = [Completion(prompt_ids=list(p)) for p in prompts]
         gens = [_generator(sp.seed) for sp in params]
-        caches = [self._new_cache(len(p) + sp.max_new_tokens) for p, sp in zip(prompts, params, strict=True)]
+        cache = self._new_cache(B, max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params, strict=True)))
         lengths = [len(p) for p in prompts]
-        last_h = torch.stack([self._prefill(p, c)[-1] for p, c in zip(prompts, caches, strict=True)])
+        last_h = torch.stack([self._prefill(p, cache, b)[-1] for b, p in enumerate(prompts)])
         active = [b for b in range(B) if params[b].max_new_tokens > 0]
         logits = self._logits(last_h).cpu()  # sampling runs on CPU with per-row CPU generators
         while active:
@@ -428,7 +428,7 @@ class EmbeddedEngine:
                 break
             tokens = torch.tensor([[next_tokens[i]] for i in keep], device=self.device)
             pos = torch.tensor([[lengths[b]] for b in active], device=self.device)
-            h = self._forward(tokens, pos, [caches[b] for b in active], [lengths[b] for b in active])
+            h = self._forward(tokens, pos, cache, active, [lengths[b] for b in active])
             for b in active:
                 lengths[b] += 1
             logits = self._logits(h[:, -1]).cpu()
@@ -451,7 +451,7 @@ class EmbeddedEngine:
             ids = list(p) + list(c)
             if len(ids) > self.max_pos:
                 raise QatctlError(f"score: {len(ids)} tokens exceed the model's {self.max_pos} positions")
-            h = self._prefill(ids, self._new_cache(len(ids)))
+            h = self._prefill(ids, self._new_cache(1, len(ids)), 0)
             logits = self._logits(h[len(p) - 1:len(ids) - 1])
             lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(c, device=self.device).unsqueeze(-1))
             lp = lp.squeeze(-1)
@@ -466,15 +466,20 @@ class EmbeddedEngine:
                 "device": str(self.device)}
 
 
-def _attend(q, caches, rows, start, T):
-    """SDPA of rows' T new queries over their caches' first start + T entries (a view, no copy,
-    for a single row)."""
+def _attend(q, k, v, cache, rows, start):
+    """Write rows' T new k/v at `start` into the layer's cache, then SDPA of their queries over
+    the first start + T entries. Rows that are consecutive in the cache (batch 1, a batch before
+    any row finishes) are a view of it: no gather."""
+    K, V = cache
+    T = q.shape[2]
     end = start + T
-    if len(rows) == 1:
-        kk, vv = (c[:, :end].unsqueeze(0) for c in caches[rows[0]])
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        sel = slice(rows[0], rows[0] + len(rows))
     else:
-        kk = torch.stack([caches[b][0][:, :end] for b in rows])
-        vv = torch.stack([caches[b][1][:, :end] for b in rows])
+        sel = torch.tensor(rows, device=K.device)
+    K[sel, :, start:end] = k
+    V[sel, :, start:end] = v
+    kk, vv = K[sel, :, :end], V[sel, :, :end]
     return F.scaled_dot_product_attention(q, kk, vv, is_causal=T > 1 and start == 0,
                                           attn_mask=_prefix_causal(T, start, q.device) if T > 1 and start else None,
                                           enable_gqa=True)
