@@ -157,9 +157,10 @@ def main() -> None:
               "bandwidth; the INT4 kernel reaches about half of it on these small matrices (its unpacking "
               "is compute-bound at 2 threads); the rest is per-op overhead of ~40 small ops x 30 layers.",
               f"- Batch 32: the INT4 kernel's unpacking grows with the rows, and dense BF16 "
-              f"({rows[2][1][32]:.0f} tok/s) beats INT4 ({rows[0][1][32]:.0f}). The engine stays on INT4: "
-              "BF16 cannot hold q * scale exactly (up to 11 significant bits), so a dense BF16 rollout "
-              "would not be the model the trainer's fake quant sees."]
+              f"({rows[2][1][32]:.0f} tok/s) beats INT4 ({rows[0][1][32]:.0f}) while the weights fit in memory "
+              "either way. The engine stays on the 4-bit kernel (the issue rules out a dense copy made at "
+              "load; it is 4x the weight bytes); a dense BF16 decode path for large batches would hold the "
+              "same values (w_hat is BF16 q * scale) and is a possible option."]
     write_section("engine", lines)
 
 
