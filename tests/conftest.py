@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,26 @@ def qatctl(*args, check=True, timeout=600, **kw) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise AssertionError(f"qatctl {' '.join(map(str, args))} exited {p.returncode}\n{p.stderr[-3000:]}")
     return p
+
+
+def torchrun(log: Path, *args) -> subprocess.Popen:
+    """Start `qatctl ARGS` on two DeepSpeed CPU ranks (torchrun, gloo on loopback); its output
+    goes to `log` (a file, not a pipe: nobody reads while it runs). Wait with `finish`."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "qatctl.cli", *map(str, args)]
+    with open(log, "a") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path) -> str:
+    """Wait for a `torchrun` process; its output."""
+    proc.wait(timeout=900)
+    return Path(log).read_text()
 
 
 def make_tiny(preset: str, out: Path, **options):

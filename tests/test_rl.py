@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, make_int4, make_pair, make_tiny, qatctl
+from conftest import REPO, finish, make_int4, make_pair, make_tiny, qatctl, torchrun
 from qatctl import rl
 
 ARITH = REPO / "recipes/data/arith-train.jsonl"
@@ -202,18 +202,14 @@ def test_deepspeed_update_matches_plain(tiny_policy, tmp_path):
     train-sft-qat) gives the plain update's metrics and weights (rollouts are identical)."""
     pytest.importorskip("deepspeed")
     from safetensors.torch import load_file
-    from test_train_sft_qat import _free_port
 
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     plain = json.loads(qatctl("rl-step", *step_args(tiny_policy, tmp_path / "plain"), "--json").stdout)["metrics"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "qatctl.cli", "rl-step",
-           *map(str, step_args(tiny_policy, tmp_path / "ds")), "--deepspeed", str(cfg)]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
+    log = tmp_path / "ds.log"
+    p = torchrun(log, "rl-step", *step_args(tiny_policy, tmp_path / "ds"), "--deepspeed", cfg)
+    out = finish(p, log)
+    assert p.returncode == 0, out[-4000:]
     ds = json.loads((tmp_path / "ds" / "qatctl.json").read_text())["metrics"]
     assert ds["backend"] == "deepspeed" and plain["backend"] == "torch"
     for key in ("reward_mean", "train_rollout_logprob_abs_diff_mean", "update_sequences", "ppo_clip_fraction"):

@@ -4,7 +4,6 @@ resumes bit-exactly, delayed / disabled fake quant is recorded, DeepSpeed ZeRO-2
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, make_tiny, qatctl
+from conftest import REPO, finish, make_tiny, qatctl, torchrun
 
 ARITH = REPO / "recipes/data/arith-train.jsonl"
 FAST = ["--lr", "1e-3", "--batch-size", "8", "--micro-batch", "4"]
@@ -138,26 +137,13 @@ def test_bad_input_exit_2_nothing_written(tiny, tmp_path):
                        "expected a 'qat-checkpoint'", absent=[out])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tiny, out, cfg, *args):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "qatctl.cli", "train-sft-qat", tiny, "--out", out,
-           *args, "--deepspeed", cfg]
-    log = open(Path(str(out) + ".log"), "a")  # a file, not a pipe: nobody reads while it runs
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    """train-sft-qat TINY --out OUT ARGS --deepspeed CFG on two ranks; output in OUT.log."""
+    return torchrun(Path(f"{out}.log"), "train-sft-qat", tiny, "--out", out, *args, "--deepspeed", cfg)
 
 
 def _finish(proc, out) -> str:
-    """Wait for a _torchrun process; its output."""
-    proc.wait(timeout=900)
-    return Path(str(out) + ".log").read_text()
+    return finish(proc, Path(f"{out}.log"))
 
 
 def _kill_all(marker: str) -> None:
