@@ -183,10 +183,15 @@ def rl_step(
     policy: Annotated[Path, typer.Argument(help="The policy qat-checkpoint (N).")],
     prompts: Annotated[Path, typer.Option(help="JSONL with prompt or messages, and answer.")],
     out: Out,
-    rollout_model: Annotated[Optional[Path], typer.Option(help="POLICY's int4-checkpoint (rollouts run on it).")] = R.rollout_model,
+    iterations: Annotated[int, typer.Option(help="GRPO iterations in this process (policy N -> N+K).")] = R.iterations,
+    rollout_model: Annotated[Optional[Path], typer.Option(help="POLICY's int4-checkpoint (default: POLICY quantized in memory).")] = R.rollout_model,
+    rollout_precision: Annotated[str, typer.Option(help="int4 (4-bit kernel) or bf16 (dense BF16 rollouts, no fake quant: the BF16 RL arm).")] = R.rollout_precision,
     engine_url: Annotated[Optional[str], typer.Option(help="Roll out on this server, after pointing it at --rollout-model.")] = R.engine_url,
-    prompts_per_step: Annotated[int, typer.Option(help="Prompts per iteration (the cursor carries over).")] = R.prompts_per_step,
+    api_key: Annotated[Optional[str], typer.Option(envvar="QATCTL_API_KEY", show_envvar=True, help="Bearer key for --engine-url.")] = R.api_key,
+    prompts_per_step: Annotated[int, typer.Option(help="Informative groups per iteration (the cursor carries over).")] = R.prompts_per_step,
     samples_per_prompt: Annotated[int, typer.Option(help="GRPO group size.")] = R.samples_per_prompt,
+    dynamic_sampling: Annotated[bool, typer.Option("--dynamic-sampling/--no-dynamic-sampling", help="Drop all-equal groups and draw more prompts (DAPO).")] = R.dynamic_sampling,
+    max_sampling_rounds: Annotated[int, typer.Option(help="Rollout rounds per iteration at most, the first included.")] = R.max_sampling_rounds,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per rollout.")] = R.max_new_tokens,
     temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = R.temperature,
     seed: Annotated[int, typer.Option(help="Rollout seed.")] = R.seed,
@@ -197,27 +202,33 @@ def rl_step(
     kl_coef: Annotated[float, typer.Option(help="k3 KL to the reference policy.")] = R.kl_coef,
     reference: Annotated[Optional[Path], typer.Option(help="Reference qat-checkpoint for the KL (default: POLICY).")] = R.reference,
     scale_by_std: Annotated[bool, typer.Option("--scale-by-std/--no-scale-by-std", help="Divide advantages by the group std.")] = R.scale_by_std,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = R.lr,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = R.lr,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping (0: off).")] = R.max_grad_norm,
     micro_batch: Annotated[int, typer.Option(help="Sequences per forward/backward.")] = R.micro_batch,
-    mini_batches: Annotated[int, typer.Option(help="Optimizer steps per rl-step.")] = R.mini_batches,
-    no_fake_quant: Annotated[bool, typer.Option("--no-fake-quant", help="BF16-train baseline.")] = R.no_fake_quant,
+    mini_batches: Annotated[int, typer.Option(help="Optimizer steps per iteration.")] = R.mini_batches,
+    no_fake_quant: Annotated[bool, typer.Option("--no-fake-quant", help="Train the BF16 masters (with int4 rollouts: the PTQ arm).")] = R.no_fake_quant,
+    reset_optimizer: Annotated[bool, typer.Option("--reset-optimizer", help="Start AdamW fresh instead of POLICY's trainer_state.")] = R.reset_optimizer,
+    save_every: Annotated[int, typer.Option(help="Iterations between resume states in OUT.partial (0: none).")] = R.save_every,
     allow_stale_rollout_model: Annotated[bool, typer.Option("--allow-stale-rollout-model", help="Accept an INT4 model made from another policy.")] = R.allow_stale_rollout_model,
     deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config for the update.")] = R.deepspeed,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = R.device,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last saved iteration (default) or start over.")] = R.resume,
     force: Force = False,
     json_: Json = False,
 ):
-    """One GRPO iteration: INT4 rollouts, rewards, fake-quant policy update (TIS), policy N+1."""
+    """GRPO iterations: INT4 rollouts, rewards, fake-quant policy update (TIS), in-memory weight sync; policy N+K."""
     from stages import rl_step as stage
 
     config = RlStepConfig(
-        policy=policy, out=out, prompts=prompts, rollout_model=rollout_model, engine_url=engine_url,
-        prompts_per_step=prompts_per_step, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed, reward=reward, loss=loss, clip_eps=clip_eps, tis_cap=tis_cap,
-        kl_coef=kl_coef, reference=reference, scale_by_std=scale_by_std, lr=lr, max_grad_norm=max_grad_norm,
-        micro_batch=micro_batch, mini_batches=mini_batches, no_fake_quant=no_fake_quant,
-        allow_stale_rollout_model=allow_stale_rollout_model, deepspeed=deepspeed, device=device, force=force)
+        policy=policy, out=out, prompts=prompts, iterations=iterations, rollout_model=rollout_model,
+        rollout_precision=rollout_precision, engine_url=engine_url, api_key=api_key,
+        prompts_per_step=prompts_per_step, samples_per_prompt=samples_per_prompt, dynamic_sampling=dynamic_sampling,
+        max_sampling_rounds=max_sampling_rounds, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+        reward=reward, loss=loss, clip_eps=clip_eps, tis_cap=tis_cap, kl_coef=kl_coef, reference=reference,
+        scale_by_std=scale_by_std, lr=lr, max_grad_norm=max_grad_norm, micro_batch=micro_batch,
+        mini_batches=mini_batches, no_fake_quant=no_fake_quant, reset_optimizer=reset_optimizer,
+        save_every=save_every, allow_stale_rollout_model=allow_stale_rollout_model, deepspeed=deepspeed,
+        device=device, resume=resume, force=force)
     manifest = _run(stage.run, config)
     if manifest.get("rank", 0) != 0:
         return

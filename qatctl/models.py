@@ -146,6 +146,19 @@ def load_source(src: ModelSource, seed: int = 0):
     return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
+def load_tokenizer(path):
+    """The tokenizer of an HF folder; an unreadable tokenizer file is a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # what transformers/tokenizers raise on a bad file
+        raise QatctlError(f"{path}: the tokenizer does not load ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # tokenizers' Rust errors (a garbage tokenizer.json) are plain Exceptions
+        raise QatctlError(f"{path}: the tokenizer does not load ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})") from None
+
+
 def load_checkpoint(path, dtype=torch.float32):
     """A qat-checkpoint (plain HF folder) as (model, tokenizer), fp32 masters by default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -270,3 +283,31 @@ def materialize_fake_quant(model: nn.Module, scheme: QuantScheme) -> int:
         p.copy_(fake_quant_value(p, scheme))
         n += 1
     return n
+
+
+def disk_state_dict(model: nn.Module, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The tensors `save_checkpoint` writes, from the live training model, without the disk.
+
+    Names are the on-disk ones: parametrized weights under their plain name (the master, not its
+    fake-quant value), tied weights once, and transformers 5's fused MoE experts split back into
+    per-expert Linear weights (`experts.gate_up_proj[e]` is gate then up along the output dim,
+    `experts.down_proj[e]` is down), which is how save_pretrained stores them.
+    """
+    from qatctl.state import param_name
+
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        name = param_name(name)
+        w = p.detach().to(dtype)
+        if name.endswith("experts.gate_up_proj"):
+            prefix, inter = name[: -len("gate_up_proj")], w.shape[1] // 2
+            for e in range(w.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = w[e, :inter].contiguous()
+                out[f"{prefix}{e}.up_proj.weight"] = w[e, inter:].contiguous()
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(w.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = w[e].contiguous()
+        else:
+            out[name] = w.contiguous()
+    return out

@@ -34,26 +34,6 @@ class ConvertInt4Config:
         return {}  # the scheme comes from the input manifest, whose digest is recorded
 
 
-def quantization_config(scheme, ignore: list[str]) -> dict:
-    """config.json's `quantization_config`, built with compressed-tensors' own schema."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-
-    args = QuantizationArgs(num_bits=scheme.bits, type="int", symmetric=scheme.symmetric,
-                            strategy="group", group_size=scheme.group_size)
-    cfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                             format="pack-quantized", quantization_status="compressed", ignore=ignore)
-    return cfg.to_dict()
-
-
-def _target_module(key: str, ndim: int, scheme) -> str | None:
-    """The module name if on-disk tensor `key` is a weight the scheme quantizes."""
-    from qatctl.quant import is_target
-
-    if ndim == 2 and key.endswith(".weight") and is_target(key[: -len(".weight")], scheme):
-        return key[: -len(".weight")]
-    return None
-
-
 def _shards(ckpt: Path) -> list[str]:
     if (ckpt / INDEX).is_file():
         return sorted(set(json.loads((ckpt / INDEX).read_text())["weight_map"].values()))
@@ -67,6 +47,7 @@ def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int
     """
     from safetensors import safe_open
 
+    from qatctl.convert import target_module
     from qatctl.errors import QatctlError
     from qatctl.quant import check_shape, in_decoder_block, is_ignored
 
@@ -75,7 +56,7 @@ def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int
         with safe_open(ckpt / shard, "pt") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
-                module = _target_module(key, len(shape), scheme)
+                module = target_module(key, len(shape), scheme)
                 if module is not None:
                     check_shape(f"{ckpt / shard}: {module}", shape, scheme)
                     n += 1
@@ -95,12 +76,12 @@ def run(config: ConvertInt4Config) -> dict:
     if (done := out.up_to_date()) is not None:
         return {**done, "up_to_date": True}
 
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from qatctl.convert import convert_tensor, quantization_config, target_module
     from qatctl.errors import QatctlError
-    from qatctl.quant import QuantScheme, check_quantizable, pack, quantize
+    from qatctl.quant import QuantScheme
     from qatctl.ui import progress
 
     ckpt = src.path
@@ -120,18 +101,9 @@ def run(config: ConvertInt4Config) -> dict:
             with safe_open(ckpt / shard, "pt") as f:
                 for key in f.keys():
                     t = f.get_tensor(key)
-                    if t.is_floating_point() and not torch.isfinite(t).all():
-                        raise QatctlError(f"{ckpt / shard}: {key}: NaN/Inf values in the weight")
-                    module = _target_module(key, t.ndim, scheme)
-                    if module is None:
-                        tensors[key] = t
-                        continue
-                    check_quantizable(f"{ckpt / shard}: {module}", t, scheme)
-                    q, scale = quantize(t, scheme)
-                    tensors[f"{module}.weight_packed"] = pack(q)
-                    tensors[f"{module}.weight_scale"] = scale.contiguous()
-                    tensors[f"{module}.weight_shape"] = torch.tensor(t.shape, dtype=torch.int64)
-                    bar.update(task, advance=1, info=module)
+                    tensors.update(convert_tensor(key, t, scheme, where=f"{ckpt / shard}: "))
+                    if (module := target_module(key, t.ndim, scheme)) is not None:
+                        bar.update(task, advance=1, info=module)
             save_file(tensors, tmp / shard, metadata={"format": "pt"})
             weight_map.update({k: shard for k in tensors})
             del tensors

@@ -174,39 +174,62 @@ def _rotate(x, cos, sin_signed):
 
 
 class _Weights:
-    """Reads an HF folder (int4 pack-quantized or dense) tensor by tensor."""
+    """Reads an HF checkpoint's tensors (int4 pack-quantized or dense) one by one: from a folder's
+    safetensors files, or from an in-memory {on-disk name: tensor} dict (rl-step's weight sync)."""
 
-    def __init__(self, folder: Path, weights: str, device: torch.device):
-        from safetensors import safe_open
-
-        self.handles = [safe_open(p, "pt") for p in sorted(folder.glob("*.safetensors"))]
-        if not self.handles:
-            raise QatctlError(f"{folder}: no *.safetensors weights")
-        self.where = {k: h for h in self.handles for k in h.keys()}
-        cfg = json.loads((folder / "config.json").read_text())
-        qc = cfg.get("quantization_config") or {}
-        self.int4 = qc.get("format") == "pack-quantized"
-        if qc and not self.int4:
-            raise QatctlError(f"{folder}/config.json: quantization format {qc.get('format')!r} is not supported "
-                              "(expected compressed-tensors pack-quantized)")
-        self.group_size = qc["config_groups"]["group_0"]["weights"]["group_size"] if self.int4 else None
+    def __init__(self, get, keys, int4: bool, group_size: int | None, weights: str, device: torch.device,
+                 where: str):
         if weights not in ("int4", "fp32", "bf16"):
             raise QatctlError(f"engine: weights={weights!r}; expected int4, fp32 or bf16")
-        if weights == "int4" and not self.int4:
-            raise QatctlError(f"{folder}: not an int4-checkpoint (no pack-quantized quantization_config); "
+        if weights == "int4" and not int4:
+            raise QatctlError(f"{where}: not an int4-checkpoint (no pack-quantized weights); "
                               "pass weights='fp32' or 'bf16' to run it dense")
-        self.mode, self.device = weights, device
+        self._get, self.keys, self.int4, self.group_size = get, set(keys), int4, group_size
+        self.mode, self.device, self.where = weights, device, where
         self.checked = False
 
+    @classmethod
+    def from_folder(cls, folder: Path, cfg: dict, weights: str, device: torch.device):
+        from safetensors import safe_open
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise QatctlError(f"{folder}: no *.safetensors weights")
+        handles = []
+        for p in files:
+            try:
+                handles.append(safe_open(p, "pt"))
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+                raise QatctlError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        where = {k: h for h in handles for k in h.keys()}
+        qc = cfg.get("quantization_config") or {}
+        int4 = qc.get("format") == "pack-quantized"
+        if qc and not int4:
+            raise QatctlError(f"{folder}/config.json: quantization format {qc.get('format')!r} is not supported "
+                              "(expected compressed-tensors pack-quantized)")
+        try:
+            group = qc["config_groups"]["group_0"]["weights"]["group_size"] if int4 else None
+        except (KeyError, TypeError):
+            raise QatctlError(f"{folder}/config.json: quantization_config has no config_groups.group_0.weights."
+                              "group_size") from None
+        return cls(lambda k: where[k].get_tensor(k), where, int4, group, weights, device, str(folder))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, group_size: int | None, weights: str, device: torch.device):
+        int4 = any(k.endswith(".weight_packed") for k in tensors)
+        return cls(tensors.__getitem__, tensors, int4, group_size, weights, device, "update_weights")
+
     def tensor(self, key):
-        return self.where[key].get_tensor(key)
+        if key not in self.keys:
+            raise QatctlError(f"{self.where}: tensor {key!r} is missing")
+        return self._get(key)
 
     def vector(self, key):
         """A norm weight etc., fp32 on the engine's device."""
         return self.tensor(key).to(device=self.device, dtype=torch.float32)
 
     def has(self, key):
-        return key in self.where
+        return key in self.keys
 
     def linear(self, *modules):
         """One linear over the modules' outputs concatenated (fused q/k/v, gate/up)."""
@@ -243,7 +266,12 @@ class EmbeddedEngine:
         ang = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv)
         self.cos = torch.cat([ang, ang], dim=-1).cos().float().to(self.device)
         self.sin_signed = torch.cat([-ang.sin(), ang.sin()], dim=-1).float().to(self.device)
+        self.mode, self.group_size = w.mode, w.group_size
+        self._build(w)
 
+    def _build(self, w: _Weights) -> None:
+        """Every weight-holding part of the engine from `w` (load and update_weights share it)."""
+        cfg = self.cfg
         self.embed = w.vector("model.embed_tokens.weight")
         self.lm_head = RowInvariantLinear(w.tensor("lm_head.weight") if w.has("lm_head.weight") else self.embed,
                                           self.device)
@@ -253,7 +281,7 @@ class EmbeddedEngine:
         for i in range(cfg["num_hidden_layers"]):
             p = f"model.layers.{i}"
             if w.has(f"{p}.self_attn.q_proj.bias"):
-                raise QatctlError(f"{folder}: attention biases are not supported by the embedded engine")
+                raise QatctlError(f"{w.where}: attention biases are not supported by the embedded engine")
             layer = {
                 "in_norm": w.vector(f"{p}.input_layernorm.weight"),
                 "post_norm": w.vector(f"{p}.post_attention_layernorm.weight"),
@@ -280,10 +308,13 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, path, weights: str = "int4", device: str = "auto"):
+    def load(cls, path, weights: str = "int4", device: str = "auto", tensors: dict | None = None,
+             group_size: int | None = None):
         """weights: 'int4' (the 4-bit kernel; needs an int4-checkpoint), or 'fp32' / 'bf16' to run
         any HF folder dense (an int4-checkpoint is then dequantized: a baseline, never the default).
-        device: auto (CUDA when present), cpu or cuda."""
+        device: auto (CUDA when present), cpu or cuda. `tensors` (with `group_size` for int4) gives
+        the weights from memory, as update_weights takes them; the folder then supplies only the
+        config and tokenizer."""
         from transformers import AutoTokenizer, GenerationConfig
 
         folder = Path(path)
@@ -296,7 +327,9 @@ class EmbeddedEngine:
         t0 = time.perf_counter()
         from qatctl.train import device_and_dtype
 
-        w = _Weights(folder, weights, device_and_dtype(device)[0])
+        dev = device_and_dtype(device)[0]
+        w = (_Weights.from_folder(folder, cfg, weights, dev) if tensors is None
+             else _Weights.from_tensors(tensors, group_size, weights, dev))
         tokenizer = AutoTokenizer.from_pretrained(folder)
         eos = cfg.get("eos_token_id")
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -458,6 +491,24 @@ class EmbeddedEngine:
             result.append(lp.tolist())
             tops.append(logits.argmax(-1).tolist())
         return (result, tops) if with_argmax else result
+
+    def update_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Swap in new weights from memory: {on-disk name: tensor}, exactly what the checkpoint's
+        safetensors would hold (pack-quantized names for an int4 engine, from the shared quantizer
+        via qatctl.convert.int4_tensors; dense BF16 for a bf16/fp32 engine). Bit-identical to
+        loading that checkpoint from disk: the same _build reads both. The engine keeps its mode."""
+        w = _Weights.from_tensors(tensors, self.group_size, self.mode, self.device)
+        w.checked = True  # the kernel's packing was proven when the engine loaded
+        old = {k: getattr(self, k) for k in ("embed", "lm_head", "final_norm", "layers", "kernel", "weight_bytes")}
+        try:
+            self._build(w)
+        except Exception:
+            self.__dict__.update(old)  # a failed update leaves the engine as it was
+            raise
+        if self.embed.shape != old["embed"].shape:
+            self.__dict__.update(old)
+            raise QatctlError(f"update_weights: vocab/hidden {tuple(w.tensor('model.embed_tokens.weight').shape)} "
+                              f"differs from the engine's {tuple(old['embed'].shape)}")
 
     def info(self) -> dict:
         return {"engine": "embedded", "model": str(self.folder), "model_type": self.model_type,

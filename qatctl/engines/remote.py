@@ -51,11 +51,16 @@ class RemoteEngine:
         r = self.http.get("/get_model_info")
         return {"engine": "remote", "url": self.url, **(r.json() if r.status_code == 200 else {})}
 
-    def update_weights_from_disk(self, model_path: str) -> str:
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> str:
+        """Point the server at a checkpoint on its disk (SGLang's route; `weight_version` is the
+        label slime sends with each update and the server reports back in meta_info)."""
         import httpx
 
+        body = {"model_path": str(model_path)}
+        if weight_version is not None:
+            body["weight_version"] = str(weight_version)
         try:
-            r = self.http.post("/update_weights_from_disk", json={"model_path": str(model_path)})
+            r = self.http.post("/update_weights_from_disk", json=body)
         except httpx.HTTPError as e:
             raise QatctlError(f"{self.url}/update_weights_from_disk: {e}", exit_code=1) from None
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}

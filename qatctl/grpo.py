@@ -1,0 +1,261 @@
+"""The GRPO loop rl-step runs: K iterations in one process over one policy, one optimizer and
+one rollout engine (DESIGN §6).
+
+    loop = GRPOLoop(settings, model, pad_id, engine, trainer_for, reward_fn, prompts, sync=push_weights)
+    for _ in range(K):
+        rows, metrics = loop.iteration_step()
+
+Per iteration:
+1. Rollout `samples_per_prompt` completions per prompt on the rollout engine (INT4 kernel, or
+   the dense BF16 path for the BF16 arm). Dynamic sampling (DAPO): groups whose rewards are all
+   equal carry no gradient and are dropped; more prompts are drawn until `prompts_per_step`
+   informative groups are found or `max_sampling_rounds` rounds have run.
+2. Train-side logprobs of the same tokens through the (fake-quant) policy: mismatch metrics and
+   TIS weights min(exp(logp_train - logp_rollout), C).
+3. PPO-clip update on group-normalized advantages (AdamW; the optimizer persists across
+   iterations), optional k3 KL to a frozen reference.
+4. Weight sync: the fp32 masters are rounded to BF16 and re-quantized with the shared quantizer
+   (qatctl.convert.int4_tensors, the code convert-int4 runs), and swapped into the engine in
+   memory (or written and pushed to a server by the `sync` callback).
+
+Rollout seeds depend on (seed, global iteration, draw slot, sample) only, and the training
+step is deterministic on CPU, so a resumed or chained run repeats an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch.nn.utils import parametrize
+
+from qatctl import rl
+from qatctl.errors import QatctlError
+from qatctl.grpo_settings import GRPOSettings  # noqa: F401  (re-exported: the loop's settings)
+
+ROLLOUT_CHUNK = 64  # sequences per engine.generate call
+
+
+def rollout_seed(seed: int, iteration: int, slot: int, sample: int) -> int:
+    """The sampling seed of one rollout: `slot` is the prompt's draw position in its iteration."""
+    return (seed * 1_000_003 + iteration * 10_007 + slot * 101 + sample) % (2**63)
+
+
+class GRPOLoop:
+    def __init__(self, s: GRPOSettings, model, pad_id: int, engine, trainer_for, reward_fn, prompts, *,
+                 sync, world: int = 1, iteration: int = 0, cursor: int = 0, reference=None,
+                 device=torch.device("cpu")):
+        """trainer_for(micro_batches_per_step) -> the Trainer (built once; DeepSpeed fixes its
+        accumulation steps at construction). sync(model, iteration) pushes the weights."""
+        self.s, self.model, self.pad_id, self.engine, self.trainer_for = s, model, pad_id, engine, trainer_for
+        self.world = world
+        self.reward_fn, self.prompts, self.sync_fn = reward_fn, prompts, sync
+        self.iteration, self.cursor, self.reference, self.device = iteration, cursor, reference, device
+
+    # ------------------------------------------------------------------ one iteration
+
+    def iteration_step(self) -> tuple[list[dict], dict]:
+        """Run the next iteration; returns its rollouts (every drawn group, `used` marks the
+        trained ones) and its metrics."""
+        timings = {}
+        self.iteration += 1
+        t0 = time.perf_counter()
+        rows, groups, sampling = self._sample_groups(timings)
+        used = [r for g in groups for r in g]
+        t = time.perf_counter()
+        scored = self._score(used)
+        timings["score"] = time.perf_counter() - t
+        t = time.perf_counter()
+        update = self._update(used)
+        timings["update"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.sync_fn(self.model, self.iteration)
+        timings["sync"] = time.perf_counter() - t
+        timings["iteration"] = time.perf_counter() - t0
+
+        rewards = torch.tensor([r["reward"] for r in rows])
+        lengths = [len(r["output_ids"]) for r in rows]
+        metrics = {
+            "iteration": self.iteration, "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rows) > 1 else 0.0,
+            "accuracy": float((rewards > 0).float().mean()), "response_length_mean": sum(lengths) / len(lengths),
+            **sampling, **scored, **update,
+            "rollout_tokens_per_s": sum(lengths) / timings["rollout"] if timings["rollout"] > 0 else None,
+            **{f"seconds_{k}": round(v, 4) for k, v in timings.items()},
+        }
+        return rows, metrics
+
+    def _sample_groups(self, timings):
+        """Roll out groups until prompts_per_step informative ones (or the round cap)."""
+        s, n = self.s, self.s.samples_per_prompt
+        rows, groups = [], []
+        drawn = dropped = rounds = 0
+        timings["rollout"] = timings["reward"] = 0.0
+        rounds_cap = s.max_sampling_rounds if s.dynamic_sampling else 1
+        while rounds < rounds_cap and len(groups) < s.prompts_per_step:
+            want = s.prompts_per_step - len(groups)
+            chosen = [(drawn + i, self.prompts[(self.cursor + i) % len(self.prompts)]) for i in range(want)]
+            self.cursor = (self.cursor + want) % len(self.prompts)
+            drawn += want
+            rounds += 1
+            t = time.perf_counter()
+            new = self._rollout(chosen)
+            timings["rollout"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for r in new:
+                r["reward"] = _checked_reward(self.reward_fn, r)
+            timings["reward"] += time.perf_counter() - t
+            adv, informative = rl.group_advantages(
+                torch.tensor([r["reward"] for r in new]).view(len(chosen), n), scale_by_std=s.scale_by_std)
+            for g, ok in enumerate(informative.tolist()):
+                group = new[g * n:(g + 1) * n]
+                for r, a in zip(group, adv[g].tolist(), strict=True):
+                    r["advantage"], r["used"] = a, bool(ok or not s.dynamic_sampling)
+                if ok or not s.dynamic_sampling:
+                    groups.append(group)
+                else:
+                    dropped += 1
+            rows += new
+        informative_groups = sum(any(r["advantage"] != 0 for r in g) for g in groups)
+        return rows, groups, {"groups_drawn": drawn, "groups_dropped": dropped, "sampling_rounds": rounds,
+                              "informative_groups": informative_groups}
+
+    def _rollout(self, chosen) -> list[dict]:
+        from qatctl.engines import SamplingParams
+
+        s = self.s
+        todo = [(slot, p, k) for slot, p in chosen for k in range(s.samples_per_prompt)]
+        params = [SamplingParams(temperature=s.temperature, max_new_tokens=s.max_new_tokens,
+                                 seed=rollout_seed(s.seed, self.iteration, slot, k)) for slot, _, k in todo]
+        outs = []
+        for i in range(0, len(todo), ROLLOUT_CHUNK):
+            outs += self.engine.generate([p.prompt_ids for _, p, _ in todo[i:i + ROLLOUT_CHUNK]],
+                                         params[i:i + ROLLOUT_CHUNK])
+        return [{"iteration": self.iteration, "slot": slot, "prompt_index": p.index, "sample": k, "answer": p.answer,
+                 "prompt_ids": o.prompt_ids, "output_ids": o.output_ids, "rollout_logprobs": o.logprobs,
+                 "text": o.text, "finish_reason": o.finish_reason} for (slot, p, k), o in zip(todo, outs, strict=True)]
+
+    def _score(self, rows) -> dict:
+        """Train-side logprobs of the rollout tokens (old policy) and, with a KL, the reference's."""
+        from qatctl.consistency import mismatch_metrics, train_logprobs
+
+        rows = [r for r in rows if r["output_ids"]]
+        if not rows:
+            return {"train_rollout_logprob_abs_diff_mean": None, "train_rollout_logprob_abs_diff_max": None,
+                    "k3_kl_rollout_train": None, "tis_mean": None, "tis_clip_fraction": None}
+        P, C = [r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows]
+        with parametrize.cached():
+            old, _ = train_logprobs(self.model, P, C)
+        for r, lp in zip(rows, old, strict=True):
+            r["train_logprobs"] = lp
+        if self.s.kl_coef > 0:
+            ref, _ = train_logprobs(self.reference, P, C)
+            for r, lp in zip(rows, ref, strict=True):
+                r["ref_logprobs"] = lp
+        mm = mismatch_metrics(old, [r["rollout_logprobs"] for r in rows])
+        train_t = torch.tensor([x for o in old for x in o])
+        rollout_t = torch.tensor([x for r in rows for x in r["rollout_logprobs"]])
+        cap = self.s.tis_cap
+        return {"train_rollout_logprob_abs_diff_mean": mm["mean_abs_diff"],
+                "train_rollout_logprob_abs_diff_max": mm["max_abs_diff"], "k3_kl_rollout_train": mm["k3_kl"],
+                "tis_mean": float(rl.tis_weights(train_t, rollout_t, cap).mean()),
+                "tis_clip_fraction": float((torch.exp(train_t - rollout_t) > cap).float().mean()) if cap > 0 else 0.0}
+
+    def _update(self, rows) -> dict:
+        """PPO-clip steps on the informative groups' sequences (advantage 0 rows add nothing)."""
+        s = self.s
+        keep = [r for r in rows if r["output_ids"] and (r["advantage"] != 0 or s.kl_coef > 0)]
+        out = {"update_sequences": len(keep), "optimizer_steps": 0, "grad_norm": None, "ppo_clip_fraction": None,
+               "entropy": None, "train_tokens_per_s": None}
+        if not keep:
+            return out
+        t = time.perf_counter()
+        per_mini = -(-len(keep) // s.mini_batches)
+        minis = [keep[i:i + per_mini] for i in range(0, len(keep), per_mini)]
+        world = self.world
+        n_micro = world * math.ceil(math.ceil(per_mini / s.micro_batch) / world)
+        trainer = self.trainer_for(n_micro)
+        clipped = tokens = all_tokens = 0
+        entropy, norms = 0.0, []
+        for mini in minis:
+            n_tokens = sum(len(r["output_ids"]) for r in mini)
+            k = min(n_micro, len(mini))
+            mbs = [mini[j * len(mini) // k:(j + 1) * len(mini) // k] for j in range(k)]
+            if len(mbs) % world:  # DeepSpeed: every rank must run the same number of micro-batches
+                raise QatctlError(f"{len(mini)} sequences to train cannot feed {world} DeepSpeed ranks evenly")
+            stats = trainer.step(mbs, lambda m, mb, n_tokens=n_tokens: self._loss(m, mb, n_tokens))
+            norms.append(stats["grad_norm"])
+            for info in stats["infos"]:
+                clipped, tokens = clipped + info["clipped"], tokens + info["tokens"]
+                entropy, all_tokens = entropy + info["entropy"], all_tokens + info["all_tokens"]
+        clipped, tokens = int(trainer.reduce_sum(clipped)), int(trainer.reduce_sum(tokens))
+        entropy, all_tokens = trainer.reduce_sum(entropy), trainer.reduce_sum(all_tokens)
+        dt = time.perf_counter() - t
+        return {**out, "optimizer_steps": len(norms), "grad_norm": sum(norms) / len(norms),
+                "ppo_clip_fraction": clipped / tokens if tokens else 0.0,
+                "entropy": entropy / tokens if tokens else None, "train_tokens_per_s": all_tokens / dt if dt else None}
+
+    def _loss(self, model, mb, n_tokens):
+        """GRPO's token-level PPO-clip loss with TIS weights (+ k3 KL), normalized by the step's tokens."""
+        s, dev = self.s, self.device
+        ids, mask, comp = _collate(mb, self.pad_id, dev)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        T = ids.shape[1]
+        old = _padded([r["train_logprobs"] for r in mb], mb, T).to(dev)
+        roll = _padded([r["rollout_logprobs"] for r in mb], mb, T).to(dev)
+        w = rl.tis_weights(old, roll, s.tis_cap) * comp
+        adv = torch.tensor([r["advantage"] for r in mb], device=dev)
+        loss, n_clip = rl.ppo_clip_loss(logp, old, adv, comp, s.clip_eps, w, normalizer=n_tokens)
+        if s.kl_coef > 0:
+            ref = _padded([r["ref_logprobs"] for r in mb], mb, T).to(dev)
+            loss = loss + s.kl_coef * (rl.k3_kl(ref, logp) * comp).sum() / n_tokens
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+        return loss, {"clipped": n_clip, "entropy": float((ent * comp).sum()), "tokens": int(comp.sum()),
+                      "all_tokens": int(mask.sum())}
+
+
+def _checked_reward(fn, row) -> float:
+    try:
+        value = fn(row["text"], row["answer"])
+        value = float(value)
+    except Exception as e:  # a user's reward function: its failure is the user's input error
+        raise QatctlError(f"--reward: the reward function raised {type(e).__name__}: {e} "
+                          f"(prompt {row['prompt_index']})") from None
+    if not math.isfinite(value):
+        raise QatctlError(f"--reward: the reward function returned {value} (prompt {row['prompt_index']}); "
+                          "rewards must be finite")
+    return value
+
+
+def _collate(rows, pad_id: int, device):
+    from qatctl.data import collate_completions
+
+    ids, mask, completion = collate_completions([r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows],
+                                                pad_id)
+    return ids.to(device), mask.to(device), completion.to(device)
+
+
+def _padded(values: list[list[float]], rows, T: int):
+    """Per-token values of each row's completion placed at its completion positions [B, T-1]."""
+    out = torch.zeros((len(rows), T - 1))
+    for i, (r, v) in enumerate(zip(rows, values, strict=True)):
+        start = len(r["prompt_ids"]) - 1
+        out[i, start:start + len(v)] = torch.tensor(v, dtype=torch.float32)
+    return out
+
+
+# ---------------------------------------------------------------- weight sync
+
+def rollout_tensors(model, scheme, precision: str) -> dict[str, torch.Tensor]:
+    """What the rollout engine must hold for the policy as it is now: the BF16 checkpoint tensors
+    (rounded from the fp32 masters, exactly what save_checkpoint writes), converted to
+    pack-quantized INT4 by the shared converter for the int4 arms."""
+    from qatctl.convert import int4_tensors
+    from qatctl.models import disk_state_dict
+
+    state = disk_state_dict(model)
+    return int4_tensors(state, scheme) if precision == "int4" else state

@@ -1,0 +1,222 @@
+"""One rl-step run around the GRPO loop: the policy and its optimizer (continued from the input's
+trainer_state), the rollout engine and how weights reach it, resume state, and the per-iteration
+files. stages/rl_step.py validates, opens the inputs, and commits what this writes.
+
+Files it keeps in the output folder while it runs (OUT.partial):
+    metrics.jsonl            one line per iteration
+    rollouts.jsonl           every drawn group's rollouts, with `iteration` and `used`
+    state/iter-NNNNNN/       resume state every --save-every iterations (qatctl/state.py layout + loop meta)
+    sync/iter-NNNNNN/        with --engine-url: the INT4 checkpoint pushed after iteration N (latest only)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from qatctl import models, state
+from qatctl.errors import QatctlError
+from qatctl.grpo import GRPOLoop, rollout_tensors
+from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer
+
+TRAINER_STATE = "trainer_state"  # subfolder of a qat-checkpoint: fp32 masters + AdamW (qatctl/state.py)
+
+
+class Session:
+    def __init__(self, c, policy, int4, reference, scheme, tokenizer, prompts, reward_fn):
+        self.c, self.scheme, self.tokenizer = c, scheme, tokenizer
+        self.rank, self.world = dist_env() if c.deepspeed else (0, 1)
+        self.fake_quant = not c.no_fake_quant and c.rollout_precision == "int4"
+        self.device, dtype = device_and_dtype(c.device)
+        model, _ = models.load_checkpoint(policy.path, dtype=dtype)
+        model.to(self.device)
+        if self.fake_quant:
+            models.apply_fake_quant(model, scheme)
+        self.model, self.trainer = model, None
+        settings = OptimSettings(lr=c.lr, max_grad_norm=c.max_grad_norm, min_lr_ratio=1.0)
+        self._make_trainer = lambda n: make_trainer(model, settings, 1, n, 1, c.deepspeed)
+        if c.deepspeed is None:
+            self.trainer = self._make_trainer(1)
+        self.continued = continue_from(policy, model, self.trainer.optimizer if self.trainer and not c.reset_optimizer
+                                       else None)
+        ref_model = None
+        if c.kl_coef > 0:
+            ref_model, _ = models.load_checkpoint((reference or policy).path, dtype=dtype)
+            if self.fake_quant:
+                models.materialize_fake_quant(ref_model, scheme)
+            ref_model.to(self.device)
+        self.engine, self.engine_info = self._open_engine(policy, int4)
+        prev = policy.manifest.get("rl") or {}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.loop = GRPOLoop(c, model, pad, self.engine, self._trainer_for, reward_fn, prompts, sync=self._sync,
+                             world=self.world, iteration=int(prev.get("iteration", 0)),
+                             cursor=int(prev.get("cursor", 0)) % len(prompts), reference=ref_model,
+                             device=self.device)
+        self.start_iteration, self.sync_root = self.loop.iteration, None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.trainer is not None:
+            self.trainer.barrier()
+
+    def _trainer_for(self, n_micro: int):
+        if self.trainer is None:
+            self.trainer = self._make_trainer(n_micro)
+        return self.trainer
+
+    # ------------------------------------------------------------------ engine and weight sync
+
+    def _open_engine(self, policy, int4):
+        c = self.c
+        if c.engine_url:
+            from qatctl.engines.remote import RemoteEngine
+
+            engine = RemoteEngine(c.engine_url, api_key=c.api_key)
+            engine.update_weights_from_disk(str(Path(c.rollout_model).resolve()),
+                                            weight_version=str(self.start_iteration_of(policy)))
+            return engine, {"engine": "remote", "url": c.engine_url}
+        from qatctl.engines import load_engine
+
+        if c.rollout_precision == "bf16":
+            engine = load_engine(policy.path, weights="bf16", device=c.device)
+        elif int4 is not None:
+            engine = load_engine(int4.path, device=c.device)
+        else:  # quantized in memory by the shared converter: the bits convert-int4 would write
+            engine = load_engine(policy.path, device=c.device, group_size=self.scheme.group_size,
+                                 tensors=rollout_tensors(self.model, self.scheme, "int4"))
+        return engine, {"engine": "embedded", "kernel": engine.kernel, "lm_head_kernel": engine.lm_head.kernel}
+
+    @staticmethod
+    def start_iteration_of(policy) -> int:
+        return int((policy.manifest.get("rl") or {}).get("iteration", 0))
+
+    def _sync(self, model, iteration: int) -> None:
+        tensors = rollout_tensors(model, self.scheme, self.c.rollout_precision)
+        if not self.c.engine_url:
+            self.engine.update_weights(tensors)
+            return
+        from qatctl.convert import write_int4_checkpoint
+
+        folder = self.sync_root / f"iter-{iteration:06d}"
+        write_int4_checkpoint(tensors, self.c.policy, folder, self.scheme, note={"iteration": iteration})
+        self.engine.update_weights_from_disk(str(folder.resolve()), weight_version=str(iteration))
+        for old in self.sync_root.glob("iter-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, tmp: Path | None) -> dict:
+        """All iterations (resuming from tmp/state when a killed run left one); the summary metrics.
+        tmp is None on DeepSpeed ranks other than 0: they train their share and write nothing."""
+        from qatctl.ui import progress
+
+        c, loop = self.c, self.loop
+        history, done = [], 0
+        if tmp is not None:
+            self.sync_root = tmp / "sync"
+            history, done = self._resume(tmp)
+        with progress(transient=False) as bar:
+            task = bar.add_task("rl-step", total=c.iterations, completed=done, info="")
+            for j in range(done, c.iterations):
+                last = j + 1 == c.iterations
+                loop.sync_fn = _no_sync if last else self._sync  # the output is written, not pushed
+                rows, metrics = loop.iteration_step()
+                metrics["synced"] = not last
+                history.append(metrics)
+                if tmp is not None:
+                    _append_jsonl(tmp / "metrics.jsonl", [metrics])
+                    _append_jsonl(tmp / "rollouts.jsonl", rows)
+                    if c.save_every and (j + 1) % c.save_every == 0 and not last:
+                        state.commit_state(tmp / "state", "iter", j + 1, lambda f, j=j: state.save_state(
+                            f, self.model, self.trainer.optimizer, meta=self._meta(j + 1, history)))
+                bar.update(task, advance=1, info=f"reward {metrics['reward_mean']:.3f}  "
+                                                 f"|dlogp| {metrics['train_rollout_logprob_abs_diff_mean'] or 0:.4f}")
+        return self._summary(history)
+
+    def _meta(self, done: int, history: list) -> dict:
+        return {"done": done, "iteration": self.loop.iteration, "cursor": self.loop.cursor, "history": history}
+
+    def _resume(self, tmp: Path) -> tuple[list, int]:
+        from qatctl.ui import console
+
+        root = tmp / "state"
+        found = None
+        if self.c.resume and self.trainer is not None:
+            found = state.load_newest(root, "iter", lambda f: state.load_state(f, self.model, self.trainer.optimizer))
+        elif root.exists():
+            shutil.rmtree(root)
+        history, done = [], 0
+        if found is not None:
+            folder, meta = found
+            history, done = meta["history"], meta["done"]
+            self.loop.iteration, self.loop.cursor = meta["iteration"], meta["cursor"]
+            self._sync(self.model, self.loop.iteration)  # the engine serves the resumed masters
+            console.print(f"resuming from {folder} (iteration {self.loop.iteration})")
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+        rollouts = tmp / "rollouts.jsonl"
+        kept = [ln for ln in (rollouts.read_text().splitlines() if rollouts.is_file() else [])
+                if json.loads(ln)["iteration"] <= self.loop.iteration] if found else []
+        rollouts.write_text("".join(ln + "\n" for ln in kept))
+        return history, done
+
+    def _summary(self, history: list) -> dict:
+        last = dict(history[-1])
+        curve = lambda key: [m[key] for m in history]  # noqa: E731
+        return {**last, "iterations_run": len(history), "arm": self.c.arm, "fake_quant": self.fake_quant,
+                "reward_curve": curve("reward_mean"), "mismatch_curve": curve("train_rollout_logprob_abs_diff_mean"),
+                "rollout_engine": self.engine_info, "backend": self.trainer.backend if self.trainer else None,
+                "continued_from": self.continued}
+
+    def save_policy(self, tmp: Path | None) -> dict | None:
+        """BF16 checkpoint + trainer_state (fp32 masters, and AdamW without DeepSpeed) into tmp.
+        Every DeepSpeed rank calls it (ZeRO-3 gathers collectively); tmp is None off rank 0."""
+        model = self.trainer.gather_weights() if self.trainer is not None else self.model
+        if tmp is None:
+            return None
+        optimizer = self.trainer.optimizer if self.trainer is not None and self.trainer.backend == "torch" else None
+        state.save_state(tmp / TRAINER_STATE, model, optimizer, meta={"iteration": self.loop.iteration})
+        models.remove_fake_quant(model)
+        models.save_checkpoint(model, self.tokenizer, tmp)
+        step = max((int(s["step"]) for s in optimizer.state.values()), default=0) if optimizer else None
+        return {"path": TRAINER_STATE, "masters": "fp32", "optimizer": "AdamW" if optimizer else None,
+                "optimizer_step": step, "bytes": sum(p.stat().st_size for p in (tmp / TRAINER_STATE).iterdir())}
+
+    def rl_state(self, prompts_path) -> dict:
+        return {"iteration": self.loop.iteration, "cursor": self.loop.cursor, "prompts": str(prompts_path)}
+
+
+def _no_sync(model, iteration):
+    pass
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def continue_from(artifact, model, optimizer) -> dict | None:
+    """Load the artifact's trainer_state (fp32 masters; AdamW moments and step when `optimizer`
+    is given) into the model built from its BF16 weights. The masters must round to exactly
+    those weights: a trainer_state from another checkpoint is refused."""
+    info = artifact.manifest.get(TRAINER_STATE)
+    folder = artifact.path / TRAINER_STATE
+    if not info or not folder.is_dir():
+        return None
+    if optimizer is not None and not info.get("optimizer"):
+        optimizer = None  # written without one (DeepSpeed): AdamW starts fresh
+    named = state.named_masters(model)
+    bf16 = {n: p.detach().to(torch.bfloat16) for n, p in named.items()}
+    state.load_state(folder, model, optimizer, restore_rng=False)
+    for n, p in named.items():
+        if not torch.equal(p.detach().to(torch.bfloat16), bf16[n]):
+            raise QatctlError(f"{folder}: masters do not round to {artifact.path}'s BF16 weights ({n}); "
+                              "this trainer_state belongs to another checkpoint")
+    return {"masters": True, "optimizer": optimizer is not None}

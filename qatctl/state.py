@@ -1,0 +1,231 @@
+"""Training state on disk as safetensors + JSON (no pickles): fp32 masters, AdamW, schedule, RNG.
+
+One layout serves the resume folders of train-sft-qat and rl-step and the `trainer_state/`
+subfolder a training stage leaves in its output qat-checkpoint (so a chained stage continues
+exactly: BF16 weights alone round a small update away):
+
+    masters.safetensors     {param name: fp32 master}        names as on disk (no parametrization)
+    optimizer.safetensors   {name + ".exp_avg", ".exp_avg_sq", ".step"}
+    state.json              {"optimizer": {"type": "AdamW", "param_groups": [...]},
+                             "scheduler": LambdaLR state or null, "python_rng": [...], "meta": {...}}
+    rng.safetensors         {"torch": torch's CPU generator state}
+
+Every file is written, flushed and fsynced before the folder is renamed into place, and
+loading checks names, shapes and dtypes against the live model before anything is changed:
+a state from another model is a one-line error (exit 2), never a partial load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from qatctl.errors import QatctlError
+
+MASTERS, OPTIMIZER, STATE, RNG = "masters.safetensors", "optimizer.safetensors", "state.json", "rng.safetensors"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def param_name(name: str) -> str:
+    """The on-disk name of a parameter: `a.parametrizations.weight.original` -> `a.weight`."""
+    return name.replace(".parametrizations.", ".").removesuffix(".original")
+
+
+def named_masters(model) -> dict[str, torch.nn.Parameter]:
+    """{on-disk name: parameter} of every trainable parameter (tied ones once)."""
+    return {param_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or corrupt file is a QatctlError."""
+    if not path.is_file():
+        raise QatctlError(f"{path}: missing")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise QatctlError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QatctlError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QatctlError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_state(folder: Path, model, optimizer=None, scheduler=None, meta: dict | None = None) -> None:
+    """Write the state into `folder` (created here). The caller renames a tmp folder into place."""
+    folder.mkdir(parents=True)
+    masters = named_masters(model)
+    _save_tensors({n: p.float() for n, p in masters.items()}, folder / MASTERS)
+    state = {"meta": meta or {}, "optimizer": None, "scheduler": None,
+             "python_rng": _jsonable(random.getstate())}
+    if optimizer is not None:
+        by_id = {id(p): n for n, p in masters.items()}
+        tensors = {}
+        for p, s in optimizer.state.items():
+            for key in ADAM_KEYS:
+                if key in s:
+                    tensors[f"{by_id[id(p)]}.{key}"] = s[key] if torch.is_tensor(s[key]) else torch.tensor(s[key])
+        _save_tensors(tensors, folder / OPTIMIZER)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        state["optimizer"] = {"type": type(optimizer).__name__, "param_groups": _jsonable(groups)}
+    if scheduler is not None:
+        state["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    _save_tensors({"torch": torch.get_rng_state()}, folder / RNG)
+    _write_json(folder / STATE, state)
+    _fsync_dir(folder)
+
+
+def load_state(folder: Path, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
+    """Load masters (and the optimizer, scheduler and RNG when given) from `folder`; returns meta.
+
+    Everything is read and checked first; the model and optimizer change only when all of it fits.
+    """
+    state = read_json(folder / STATE)
+    masters = named_masters(model)
+    saved = read_tensors(folder / MASTERS)
+    _check_tensors(folder / MASTERS, saved, {n: (tuple(p.shape), torch.float32) for n, p in masters.items()})
+    opt_tensors = None
+    if optimizer is not None:
+        if not state.get("optimizer"):
+            raise QatctlError(f"{folder / STATE}: holds no optimizer state")
+        if state["optimizer"].get("type") != type(optimizer).__name__:
+            raise QatctlError(f"{folder / STATE}: optimizer {state['optimizer'].get('type')!r}, expected "
+                              f"{type(optimizer).__name__}")
+        opt_tensors = read_tensors(folder / OPTIMIZER)
+        for key, t in opt_tensors.items():
+            name, _, kind = key.rpartition(".")
+            if name not in masters or kind not in ADAM_KEYS:
+                raise QatctlError(f"{folder / OPTIMIZER}: tensor {key!r} matches no parameter of this model")
+            if kind != "step" and tuple(t.shape) != tuple(masters[name].shape):
+                raise QatctlError(f"{folder / OPTIMIZER}: {key} has shape {tuple(t.shape)}, the model's parameter "
+                                  f"has {tuple(masters[name].shape)} (state from another model)")
+            if not torch.isfinite(t).all():
+                raise QatctlError(f"{folder / OPTIMIZER}: {key} holds NaN/Inf values")
+    rng = read_tensors(folder / RNG) if restore_rng else None
+    with torch.no_grad():
+        for name, p in masters.items():
+            p.copy_(saved[name])
+    if optimizer is not None:
+        groups = state["optimizer"]["param_groups"]
+        if len(groups) != len(optimizer.param_groups):
+            raise QatctlError(f"{folder / STATE}: {len(groups)} optimizer param groups, expected "
+                              f"{len(optimizer.param_groups)}")
+        optimizer.state.clear()
+        for name, p in masters.items():
+            s = {k: opt_tensors[f"{name}.{k}"].clone() for k in ADAM_KEYS if f"{name}.{k}" in opt_tensors}
+            if s:
+                optimizer.state[p] = s
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_tupled(state["python_rng"]))
+    return state.get("meta") or {}
+
+
+def _check_tensors(path: Path, saved: dict, expected: dict) -> None:
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:2]}" if missing else f"unknown {extra[:2]}"
+        raise QatctlError(f"{path}: does not match the model's parameters ({what}; state from another model)")
+    for name, (shape, dtype) in expected.items():
+        t = saved[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise QatctlError(f"{path}: {name} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} "
+                              "(state from another model)")
+        if not torch.isfinite(t).all():
+            raise QatctlError(f"{path}: {name} holds NaN/Inf values")
+
+
+def _jsonable(obj):
+    if isinstance(obj, (tuple, list)):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if torch.is_tensor(obj):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    return obj
+
+
+def _tupled(obj):
+    return tuple(_tupled(x) for x in obj) if isinstance(obj, list) else obj
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- numbered state folders
+
+def complete_states(root: Path, prefix: str) -> list[Path]:
+    """Complete `PREFIX-NNNNNN` folders under root (state.json present), newest first."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob(f"{prefix}-*") if not p.name.endswith(".tmp") and (p / STATE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
+
+
+def commit_state(root: Path, prefix: str, number: int, write, keep: int = 2) -> Path:
+    """write(tmp_folder) then rename it to PREFIX-NNNNNN; keep the newest `keep` folders."""
+    final, tmp = root / f"{prefix}-{number:06d}", root / f"{prefix}-{number:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in complete_states(root, prefix)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_newest(root: Path, prefix: str, load) -> tuple[Path, dict] | None:
+    """load(folder) on the newest complete state; a corrupt one falls back to the next with a
+    warning. None when there is none; an error naming --no-resume when none loads."""
+    from qatctl.ui import console
+
+    states = complete_states(root, prefix)
+    errors = []
+    for folder in states:
+        try:
+            return folder, load(folder)
+        except QatctlError as e:
+            errors.append(str(e))
+            console.print(f"[yellow]warning:[/] resume state {folder} does not load ({e}); trying an older one")
+    if errors:
+        raise QatctlError(f"{root}: no resume state loads ({errors[0]}); rerun with --no-resume to start over")
+    return None
