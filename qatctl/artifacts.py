@@ -200,10 +200,17 @@ class _Building:
         return p
 
     def __exit__(self, exc_type, exc, tb):
-        # A resumable partial survives errors and interrupts; otherwise nothing half-written stays.
-        if exc_type is not None and not self.resume:
+        # A partial holding resume state survives errors and interrupts; otherwise nothing
+        # half-written stays.
+        if exc_type is not None and not (self.resume and _has_state(self.out.partial)):
             shutil.rmtree(self.out.partial, ignore_errors=True)
         return False
+
+
+def _has_state(partial: Path) -> bool:
+    """Whether a partial folder holds a training stage's resume state (its `state/` folder)."""
+    state = partial / "state"
+    return state.is_dir() and any(state.iterdir())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -197,6 +197,7 @@ class Server:
         self.config = config
         self.engine = engine
         self.model_path = str(config.ckpt)
+        self.weight_version = "default"  # SGLang's initial label; /update_weights_from_disk may set it
         self.model_name = config.model_name or Path(config.ckpt).name
         self.scheduler = Scheduler(engine, config.max_batch, config.batch_wait_ms / 1000)
         self._swap_lock = threading.Lock()
@@ -296,9 +297,14 @@ class Server:
             return {"object": "list", "data": [{"id": server.model_name, "object": "model", "owned_by": "qatctl",
                                                 "root": server.model_path}]}
 
+        @app.get("/get_weight_version")
+        async def weight_version():
+            return {"weight_version": server.weight_version}
+
         @app.get("/get_model_info")
         async def model_info():
             return {"model_path": server.model_path, "tokenizer_path": server.model_path, "is_generation": True,
+                    "weight_version": server.weight_version,
                     **server.engine.info(), "batches": server.scheduler.batches,
                     "largest_batch": server.scheduler.largest_batch}
 
@@ -308,7 +314,12 @@ class Server:
             path = body.get("model_path")
             if not isinstance(path, str) or not path:
                 raise BadRequest("model_path must be a non-empty string")
+            version = body.get("weight_version")
+            if version is not None and not isinstance(version, str):
+                raise BadRequest("weight_version must be a string")
             ok, message = await asyncio.to_thread(server.update_weights, path)
+            if ok and version is not None:
+                server.weight_version = version
             return JSONResponse({"success": ok, "message": message, "num_paused_requests": 0},
                                 status_code=200 if ok else 400)
 
