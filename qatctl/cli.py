@@ -237,15 +237,18 @@ def rl_step(
 
 @app.command("plot")
 def plot(
-    run_dir: Annotated[Path, typer.Argument(help="A folder holding rl-step outputs (any depth).")],
-    out: Annotated[Optional[Path], typer.Option(help="PNG path (default: RUN_DIR/rl-metrics.png).")] = None,
+    run_dirs: Annotated[list[Path], typer.Argument(help="Folders holding rl-step outputs (any depth), or rl-step outputs.")],
+    out: Annotated[Optional[Path], typer.Option(help="PNG path (default: FIRST_RUN_DIR/rl-metrics.png).")] = None,
 ):
-    """Plot reward and train/rollout mismatch over the rl-step iterations found under RUN_DIR."""
+    """Plot reward and train/rollout mismatch per iteration of one or several RL runs, side by side."""
 
     def draw(_):
         from qatctl.consistency import plot_rl_history
 
-        return plot_rl_history(run_dir, out or run_dir / "rl-metrics.png")
+        for d in run_dirs:
+            if not d.is_dir():
+                raise QatctlError(f"{d}: no such folder")
+        return plot_rl_history(run_dirs, out or run_dirs[0] / "rl-metrics.png")
 
     path = _run(draw, None)
     from qatctl import ui

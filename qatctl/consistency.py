@@ -195,31 +195,50 @@ def plots(folder: Path, diffs_by_arm: dict, positions_by_arm: dict, grid: dict |
     return written
 
 
-def plot_rl_history(run_dir: Path, png: Path) -> Path:
-    """Reward and mismatch curves of every rl-step series under run_dir (one line per folder
-    holding rl-step outputs, ordered by iteration)."""
+def rl_series(run_dir: Path) -> dict[str, list[dict]]:
+    """Per-iteration metrics of every rl-step series under run_dir: one series per folder holding
+    rl-step outputs (a chain of single steps, or multi-iteration outputs with metrics.jsonl),
+    ordered by global iteration. run_dir may itself be one rl-step output."""
     import json
 
+    run_dir = Path(run_dir)
+    series: dict[str, dict[int, dict]] = {}
+    for m in sorted(run_dir.rglob("qatctl.json")):
+        try:
+            manifest = json.loads(m.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # not ours to judge here; inspect reports it
+        if manifest.get("stage") != "rl-step" or manifest.get("status") != "complete" \
+                or manifest.get("kind") != "qat-checkpoint":
+            continue
+        folder = m.parent
+        rows = ([json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+                if (folder / "metrics.jsonl").is_file() else [manifest["metrics"]])
+        name = run_dir.name if folder == run_dir else str(folder.parent.relative_to(run_dir.parent))
+        for r in rows:
+            series.setdefault(name, {})[int(r["iteration"])] = r
+    if not series:
+        raise QatctlError(f"{run_dir}: no complete rl-step outputs found")
+    return {k: [v[i] for i in sorted(v)] for k, v in series.items()}
+
+
+def plot_rl_history(run_dirs, png: Path) -> Path:
+    """Reward and mismatch curves of the rl-step series under one or several run folders, side by
+    side (one line per series)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list] = {}
-    for m in sorted(Path(run_dir).rglob("qatctl.json")):
-        manifest = json.loads(m.read_text())
-        if manifest.get("stage") != "rl-step" or manifest.get("status") != "complete":
-            continue
-        series.setdefault(str(m.parent.parent.relative_to(run_dir)) or ".", []).append(manifest["metrics"])
-    if not series:
-        raise QatctlError(f"{run_dir}: no complete rl-step outputs found")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series = {}
+    for d in [run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs:
+        series.update(rl_series(Path(d)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, ms in series.items():
-        ms.sort(key=lambda x: x["iteration"])
         its = [x["iteration"] for x in ms]
-        axes[0].plot(its, [x["reward_mean"] for x in ms], marker="o", label=name)
-        axes[1].plot(its, [x["train_rollout_logprob_abs_diff_mean"] for x in ms], marker="o", label=name)
-    axes[0].set(xlabel="iteration", ylabel="reward mean", title="reward")
+        axes[0].plot(its, [x["reward_mean"] for x in ms], marker=".", label=name)
+        axes[1].plot(its, [x["train_rollout_logprob_abs_diff_mean"] for x in ms], marker=".", label=name)
+    axes[0].set(xlabel="iteration", ylabel="reward mean (all rollouts)", title="reward")
     axes[1].set(xlabel="iteration", ylabel="mean |logp_train - logp_rollout|", title="train/rollout mismatch",
                 yscale="log")
     for ax in axes:

@@ -63,12 +63,15 @@ class GRPOLoop:
         t0 = time.perf_counter()
         rows, groups, sampling = self._sample_groups(timings)
         used = [r for g in groups for r in g]
+        fused = self.s.mini_batches == 1 and self.s.kl_coef == 0
         t = time.perf_counter()
-        scored = self._score(used)
+        scored = {} if fused else self._score(used)
         timings["score"] = time.perf_counter() - t
         t = time.perf_counter()
-        update = self._update(used)
+        update = self._update(used, fused)
         timings["update"] = time.perf_counter() - t
+        if fused:  # the update pass scored the tokens: its detached logprobs are the old policy's
+            scored = self._mismatch([r for r in used if r["output_ids"] and "train_logprobs" in r])
         t = time.perf_counter()
         self.sync_fn(self.model, self.iteration)
         timings["sync"] = time.perf_counter() - t
@@ -95,6 +98,8 @@ class GRPOLoop:
         rounds_cap = s.max_sampling_rounds if s.dynamic_sampling else 1
         while rounds < rounds_cap and len(groups) < s.prompts_per_step:
             want = s.prompts_per_step - len(groups)
+            if rounds:  # oversample by the informative rate seen so far, so later rounds stay batched
+                want = min(s.prompts_per_step, math.ceil(want * drawn / max(len(groups), 1)))
             chosen = [(drawn + i, self.prompts[(self.cursor + i) % len(self.prompts)]) for i in range(want)]
             self.cursor = (self.cursor + want) % len(self.prompts)
             drawn += want
@@ -112,14 +117,18 @@ class GRPOLoop:
                 group = new[g * n:(g + 1) * n]
                 for r, a in zip(group, adv[g].tolist(), strict=True):
                     r["advantage"], r["used"] = a, bool(ok or not s.dynamic_sampling)
-                if ok or not s.dynamic_sampling:
+                if (ok or not s.dynamic_sampling) and len(groups) < s.prompts_per_step:
                     groups.append(group)
+                elif ok:  # informative but beyond prompts_per_step (DAPO truncates the batch too)
+                    for r in group:
+                        r["used"] = False
                 else:
                     dropped += 1
             rows += new
         informative_groups = sum(any(r["advantage"] != 0 for r in g) for g in groups)
         return rows, groups, {"groups_drawn": drawn, "groups_dropped": dropped, "sampling_rounds": rounds,
-                              "informative_groups": informative_groups}
+                              "informative_groups": informative_groups,
+                              "groups_surplus": drawn - dropped - len(groups)}
 
     def _rollout(self, chosen) -> list[dict]:
         from qatctl.engines import SamplingParams
@@ -138,12 +147,11 @@ class GRPOLoop:
 
     def _score(self, rows) -> dict:
         """Train-side logprobs of the rollout tokens (old policy) and, with a KL, the reference's."""
-        from qatctl.consistency import mismatch_metrics, train_logprobs
+        from qatctl.consistency import train_logprobs
 
         rows = [r for r in rows if r["output_ids"]]
         if not rows:
-            return {"train_rollout_logprob_abs_diff_mean": None, "train_rollout_logprob_abs_diff_max": None,
-                    "k3_kl_rollout_train": None, "tis_mean": None, "tis_clip_fraction": None}
+            return self._mismatch([])
         P, C = [r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows]
         with parametrize.cached():
             old, _ = train_logprobs(self.model, P, C)
@@ -153,6 +161,15 @@ class GRPOLoop:
             ref, _ = train_logprobs(self.reference, P, C)
             for r, lp in zip(rows, ref, strict=True):
                 r["ref_logprobs"] = lp
+        return self._mismatch(rows)
+
+    def _mismatch(self, rows) -> dict:
+        from qatctl.consistency import mismatch_metrics
+
+        if not rows:
+            return {"train_rollout_logprob_abs_diff_mean": None, "train_rollout_logprob_abs_diff_max": None,
+                    "k3_kl_rollout_train": None, "tis_mean": None, "tis_clip_fraction": None}
+        old = [r["train_logprobs"] for r in rows]
         mm = mismatch_metrics(old, [r["rollout_logprobs"] for r in rows])
         train_t = torch.tensor([x for o in old for x in o])
         rollout_t = torch.tensor([x for r in rows for x in r["rollout_logprobs"]])
@@ -162,10 +179,14 @@ class GRPOLoop:
                 "tis_mean": float(rl.tis_weights(train_t, rollout_t, cap).mean()),
                 "tis_clip_fraction": float((torch.exp(train_t - rollout_t) > cap).float().mean()) if cap > 0 else 0.0}
 
-    def _update(self, rows) -> dict:
-        """PPO-clip steps on the informative groups' sequences (advantage 0 rows add nothing)."""
+    def _update(self, rows, fused: bool) -> dict:
+        """PPO-clip steps on the informative groups' sequences (advantage 0 rows add nothing).
+        `fused`: one on-policy optimizer step, whose forward pass also gives the old policy's
+        logprobs (detached; the ratio is then exactly 1) instead of a separate scoring pass."""
         s = self.s
         keep = [r for r in rows if r["output_ids"] and (r["advantage"] != 0 or s.kl_coef > 0)]
+        if fused:  # rows without signal are scored too (forward only) for the mismatch metrics
+            self._score_only([r for r in rows if r["output_ids"] and r not in keep])
         out = {"update_sequences": len(keep), "optimizer_steps": 0, "grad_norm": None, "ppo_clip_fraction": None,
                "entropy": None, "train_tokens_per_s": None}
         if not keep:
@@ -184,11 +205,13 @@ class GRPOLoop:
             mbs = [mini[j * len(mini) // k:(j + 1) * len(mini) // k] for j in range(k)]
             if len(mbs) % world:  # DeepSpeed: every rank must run the same number of micro-batches
                 raise QatctlError(f"{len(mini)} sequences to train cannot feed {world} DeepSpeed ranks evenly")
-            stats = trainer.step(mbs, lambda m, mb, n_tokens=n_tokens: self._loss(m, mb, n_tokens))
+            stats = trainer.step(mbs, lambda m, mb, n_tokens=n_tokens: self._loss(m, mb, n_tokens, fused))
             norms.append(stats["grad_norm"])
             for info in stats["infos"]:
                 clipped, tokens = clipped + info["clipped"], tokens + info["tokens"]
                 entropy, all_tokens = entropy + info["entropy"], all_tokens + info["all_tokens"]
+        if fused and world > 1:  # each DeepSpeed rank scored its own micro-batches
+            _share_train_logprobs(keep)
         clipped, tokens = int(trainer.reduce_sum(clipped)), int(trainer.reduce_sum(tokens))
         entropy, all_tokens = trainer.reduce_sum(entropy), trainer.reduce_sum(all_tokens)
         dt = time.perf_counter() - t
@@ -196,26 +219,33 @@ class GRPOLoop:
                 "ppo_clip_fraction": clipped / tokens if tokens else 0.0,
                 "entropy": entropy / tokens if tokens else None, "train_tokens_per_s": all_tokens / dt if dt else None}
 
-    def _loss(self, model, mb, n_tokens):
+    def _score_only(self, rows) -> None:
+        """Train-side logprobs of rows the update does not train on (no graph)."""
+        with torch.no_grad(), parametrize.cached():
+            for i in range(0, len(rows), self.s.micro_batch):
+                mb = rows[i:i + self.s.micro_batch]
+                logp, _, comp, start = _completion_logprobs(self.model, mb, self.pad_id, self.device)
+                _store_train_logprobs(mb, logp, start)
+
+    def _loss(self, model, mb, n_tokens, fused: bool = False):
         """GRPO's token-level PPO-clip loss with TIS weights (+ k3 KL), normalized by the step's tokens."""
         s, dev = self.s, self.device
-        ids, mask, comp = _collate(mb, self.pad_id, dev)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        T = ids.shape[1]
-        old = _padded([r["train_logprobs"] for r in mb], mb, T).to(dev)
-        roll = _padded([r["rollout_logprobs"] for r in mb], mb, T).to(dev)
+        logp, logp_all, comp, start = _completion_logprobs(model, mb, self.pad_id, dev)
+        if fused:
+            _store_train_logprobs(mb, logp.detach(), start)
+        T = logp.shape[1] + start + 1
+        old = _padded([r["train_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
+        roll = _padded([r["rollout_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
         w = rl.tis_weights(old, roll, s.tis_cap) * comp
         adv = torch.tensor([r["advantage"] for r in mb], device=dev)
         loss, n_clip = rl.ppo_clip_loss(logp, old, adv, comp, s.clip_eps, w, normalizer=n_tokens)
         if s.kl_coef > 0:
-            ref = _padded([r["ref_logprobs"] for r in mb], mb, T).to(dev)
+            ref = _padded([r["ref_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
             loss = loss + s.kl_coef * (rl.k3_kl(ref, logp) * comp).sum() / n_tokens
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
         return loss, {"clipped": n_clip, "entropy": float((ent * comp).sum()), "tokens": int(comp.sum()),
-                      "all_tokens": int(mask.sum())}
+                      "all_tokens": sum(len(r["prompt_ids"]) + len(r["output_ids"]) for r in mb)}
 
 
 def _checked_reward(fn, row) -> float:
@@ -229,6 +259,41 @@ def _checked_reward(fn, row) -> float:
         raise QatctlError(f"--reward: the reward function returned {value} (prompt {row['prompt_index']}); "
                           "rewards must be finite")
     return value
+
+
+def _completion_logprobs(model, rows, pad_id: int, device):
+    """Log-probs of each row's completion tokens: (logp [B, T'], log_softmax [B, T', V], completion
+    mask [B, T'], start), position j of the T' columns predicting token start + j + 1.
+
+    Only positions from the earliest completion on get logits (HF's logits_to_keep): the prompt
+    positions' 49k-way log-softmax is work the loss never reads.
+    """
+    ids, mask, comp = _collate(rows, pad_id, device)
+    T = ids.shape[1]
+    start = min(len(r["prompt_ids"]) for r in rows) - 1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=T - start).logits[:, :-1].float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, start + 1:].unsqueeze(-1)).squeeze(-1)
+    return logp, logp_all, comp[:, start:], start
+
+
+def _store_train_logprobs(rows, logp, start: int) -> None:
+    for i, r in enumerate(rows):
+        a = len(r["prompt_ids"]) - 1 - start
+        r["train_logprobs"] = logp[i, a:a + len(r["output_ids"])].tolist()
+
+
+def _share_train_logprobs(rows) -> None:
+    """Every rank ends with every row's train logprobs (DeepSpeed: the rows are the same on all)."""
+    import torch.distributed as dist
+
+    mine = {(r["slot"], r["sample"]): r["train_logprobs"] for r in rows if "train_logprobs" in r}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    by_key = {(r["slot"], r["sample"]): r for r in rows}
+    for part in everyone:
+        for key, lp in part.items():
+            by_key[key]["train_logprobs"] = lp
 
 
 def _collate(rows, pad_id: int, device):

@@ -159,6 +159,26 @@ def test_batch_invariance_mixed_lengths(tiny_pairs, preset):
     assert scores[1] == eng.score([prompts[1]], [batched[1].output_ids])[0]
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3-moe"])
+def test_repeated_prompts_prefill_once_and_match_alone(tiny_pairs, preset, monkeypatch):
+    """A GRPO group (one prompt, several seeds) mixed with other prompts: each distinct prompt is
+    prefilled once, and every row's tokens and logprobs equal its run alone."""
+    eng = load_engine(tiny_pairs[preset][1])
+    a, b = list(range(7, 30)), list(range(40, 52))
+    prompts = [a, b, a, a, b, a]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=s) for s in range(len(prompts))]
+    calls = []
+    real = type(eng)._prefill
+    monkeypatch.setattr(type(eng), "_prefill", lambda self, ids, cache, row: (calls.append(row), real(self, ids, cache, row))[1])
+    batched = eng.generate(prompts, params)
+    assert calls == [0, 1]
+    monkeypatch.undo()
+    for p, sp, got in zip(prompts, params, batched, strict=True):
+        alone = eng.generate([p], sp)[0]
+        assert alone.output_ids == got.output_ids and alone.logprobs == got.logprobs
+    assert len({tuple(o.output_ids) for o in batched}) > 2  # the seeds did differ
+
+
 def test_stop_conditions(tiny_pairs):
     eng = load_engine(tiny_pairs["tiny-llama"][1])
     prompt = [list(range(10, 30))]

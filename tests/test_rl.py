@@ -83,7 +83,7 @@ def tiny_policy(tmp_path_factory):
 def step_args(root, out, *extra):
     return [root / "policy-0", "--rollout-model", root / "int4-0", "--prompts", ARITH, "--out", out,
             "--reward", f"{root / 'rw.py'}:odd_length", "--prompts-per-step", "4", "--samples-per-prompt", "4",
-            "--max-new-tokens", "12", "--lr", "1e-3", "--micro-batch", "4", *extra]
+            "--max-new-tokens", "12", "--lr", "1e-3", "--micro-batch", "4", "--no-dynamic-sampling", *extra]
 
 
 def test_rl_step_end_to_end(tiny_policy, tmp_path):
