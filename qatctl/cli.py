@@ -156,6 +156,7 @@ def train_sft_qat(
     save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = T.save_every,
     deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config (ZeRO 0-3); launch with deepspeed or torchrun.")] = T.deepspeed,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = T.device,
+    reset_optimizer: Annotated[bool, typer.Option("--reset-optimizer", help="Start AdamW fresh instead of CKPT's trainer_state moments.")] = T.reset_optimizer,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last checkpoint (default) or start over.")] = T.resume,
     force: Force = False,
     json_: Json = False,
@@ -167,8 +168,8 @@ def train_sft_qat(
         ckpt=ckpt, data=data, out=out, steps=steps, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
         max_seq_len=max_seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
         min_lr_ratio=min_lr_ratio, max_grad_norm=max_grad_norm, seed=seed, fake_quant_after=fake_quant_after,
-        no_fake_quant=no_fake_quant, save_every=save_every, deepspeed=deepspeed, device=device, resume=resume,
-        force=force)
+        no_fake_quant=no_fake_quant, save_every=save_every, deepspeed=deepspeed, device=device,
+        reset_optimizer=reset_optimizer, resume=resume, force=force)
     manifest = _run(stage.run, config)
     if manifest.get("rank", 0) != 0:
         return

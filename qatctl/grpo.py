@@ -63,7 +63,10 @@ class GRPOLoop:
         t0 = time.perf_counter()
         rows, groups, sampling = self._sample_groups(timings)
         used = [r for g in groups for r in g]
-        fused = self.s.mini_batches == 1 and self.s.kl_coef == 0
+        # One on-policy step without DeepSpeed: the update's forward pass is also the scoring pass.
+        # Under DeepSpeed the engine's flattened parameter buffers change the last bits of a
+        # forward pass, so scoring runs before it exists, on the same micro-batches.
+        fused = self.s.mini_batches == 1 and self.s.kl_coef == 0 and self.world == 1
         t = time.perf_counter()
         scored = {} if fused else self._score(used)
         timings["score"] = time.perf_counter() - t
@@ -146,19 +149,15 @@ class GRPOLoop:
                  "text": o.text, "finish_reason": o.finish_reason} for (slot, p, k), o in zip(todo, outs, strict=True)]
 
     def _score(self, rows) -> dict:
-        """Train-side logprobs of the rollout tokens (old policy) and, with a KL, the reference's."""
+        """Train-side logprobs of the rollout tokens (old policy) on the update's own micro-batches,
+        and, with a KL, the reference's."""
         from qatctl.consistency import train_logprobs
 
+        _, rest, plan, _ = self._plan(rows, world=1)  # the split a single process trains on: scores
+        self._score_only([mb for mbs in plan for mb in mbs] + self._chunks(rest))
         rows = [r for r in rows if r["output_ids"]]
-        if not rows:
-            return self._mismatch([])
-        P, C = [r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows]
-        with parametrize.cached():
-            old, _ = train_logprobs(self.model, P, C)
-        for r, lp in zip(rows, old, strict=True):
-            r["train_logprobs"] = lp
-        if self.s.kl_coef > 0:
-            ref, _ = train_logprobs(self.reference, P, C)
+        if self.s.kl_coef > 0 and rows:
+            ref, _ = train_logprobs(self.reference, [r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows])
             for r, lp in zip(rows, ref, strict=True):
                 r["ref_logprobs"] = lp
         return self._mismatch(rows)
@@ -179,39 +178,52 @@ class GRPOLoop:
                 "tis_mean": float(rl.tis_weights(train_t, rollout_t, cap).mean()),
                 "tis_clip_fraction": float((torch.exp(train_t - rollout_t) > cap).float().mean()) if cap > 0 else 0.0}
 
+    def _plan(self, rows, world: int | None = None):
+        """(sequences to train, scored-only rest, the update's micro-batches per mini-batch,
+        micro-batches per optimizer step). Rows of groups without signal have advantage 0 and
+        are trained only for a KL."""
+        s, world = self.s, world or self.world
+        keep = [r for r in rows if r["output_ids"] and (r["advantage"] != 0 or s.kl_coef > 0)]
+        kept = {id(r) for r in keep}
+        rest = [r for r in rows if r["output_ids"] and id(r) not in kept]
+        if not keep:
+            return keep, rest, [], 0
+        per_mini = -(-len(keep) // s.mini_batches)
+        n_micro = world * math.ceil(math.ceil(per_mini / s.micro_batch) / world)
+        plan = []
+        for mini in (keep[i:i + per_mini] for i in range(0, len(keep), per_mini)):
+            k = min(n_micro, len(mini))
+            mbs = [mini[j * len(mini) // k:(j + 1) * len(mini) // k] for j in range(k)]
+            if len(mbs) % world:  # DeepSpeed: every rank must run the same number of micro-batches
+                raise QatctlError(f"{len(mini)} sequences to train cannot feed {world} DeepSpeed ranks evenly")
+            plan.append(mbs)
+        return keep, rest, plan, n_micro
+
+    def _chunks(self, rows):
+        return [rows[i:i + self.s.micro_batch] for i in range(0, len(rows), self.s.micro_batch)]
+
     def _update(self, rows, fused: bool) -> dict:
         """PPO-clip steps on the informative groups' sequences (advantage 0 rows add nothing).
         `fused`: one on-policy optimizer step, whose forward pass also gives the old policy's
         logprobs (detached; the ratio is then exactly 1) instead of a separate scoring pass."""
-        s = self.s
-        keep = [r for r in rows if r["output_ids"] and (r["advantage"] != 0 or s.kl_coef > 0)]
+        keep, rest, plan, n_micro = self._plan(rows)
         if fused:  # rows without signal are scored too (forward only) for the mismatch metrics
-            self._score_only([r for r in rows if r["output_ids"] and r not in keep])
+            self._score_only(self._chunks(rest))
         out = {"update_sequences": len(keep), "optimizer_steps": 0, "grad_norm": None, "ppo_clip_fraction": None,
                "entropy": None, "train_tokens_per_s": None}
         if not keep:
             return out
         t = time.perf_counter()
-        per_mini = -(-len(keep) // s.mini_batches)
-        minis = [keep[i:i + per_mini] for i in range(0, len(keep), per_mini)]
-        world = self.world
-        n_micro = world * math.ceil(math.ceil(per_mini / s.micro_batch) / world)
         trainer = self.trainer_for(n_micro)
         clipped = tokens = all_tokens = 0
         entropy, norms = 0.0, []
-        for mini in minis:
-            n_tokens = sum(len(r["output_ids"]) for r in mini)
-            k = min(n_micro, len(mini))
-            mbs = [mini[j * len(mini) // k:(j + 1) * len(mini) // k] for j in range(k)]
-            if len(mbs) % world:  # DeepSpeed: every rank must run the same number of micro-batches
-                raise QatctlError(f"{len(mini)} sequences to train cannot feed {world} DeepSpeed ranks evenly")
+        for mbs in plan:
+            n_tokens = sum(len(r["output_ids"]) for mb in mbs for r in mb)
             stats = trainer.step(mbs, lambda m, mb, n_tokens=n_tokens: self._loss(m, mb, n_tokens, fused))
             norms.append(stats["grad_norm"])
             for info in stats["infos"]:
                 clipped, tokens = clipped + info["clipped"], tokens + info["tokens"]
                 entropy, all_tokens = entropy + info["entropy"], all_tokens + info["all_tokens"]
-        if fused and world > 1:  # each DeepSpeed rank scored its own micro-batches
-            _share_train_logprobs(keep)
         clipped, tokens = int(trainer.reduce_sum(clipped)), int(trainer.reduce_sum(tokens))
         entropy, all_tokens = trainer.reduce_sum(entropy), trainer.reduce_sum(all_tokens)
         dt = time.perf_counter() - t
@@ -219,12 +231,11 @@ class GRPOLoop:
                 "ppo_clip_fraction": clipped / tokens if tokens else 0.0,
                 "entropy": entropy / tokens if tokens else None, "train_tokens_per_s": all_tokens / dt if dt else None}
 
-    def _score_only(self, rows) -> None:
-        """Train-side logprobs of rows the update does not train on (no graph)."""
+    def _score_only(self, micro_batches) -> None:
+        """Train-side logprobs of each micro-batch's rows (no graph), as the update's forward computes them."""
         with torch.no_grad(), parametrize.cached():
-            for i in range(0, len(rows), self.s.micro_batch):
-                mb = rows[i:i + self.s.micro_batch]
-                logp, _, comp, start = _completion_logprobs(self.model, mb, self.pad_id, self.device)
+            for mb in micro_batches:
+                logp, _, _, start = _completion_logprobs(self.model, mb, self.pad_id, self.device)
                 _store_train_logprobs(mb, logp, start)
 
     def _loss(self, model, mb, n_tokens, fused: bool = False):
@@ -281,19 +292,6 @@ def _store_train_logprobs(rows, logp, start: int) -> None:
     for i, r in enumerate(rows):
         a = len(r["prompt_ids"]) - 1 - start
         r["train_logprobs"] = logp[i, a:a + len(r["output_ids"])].tolist()
-
-
-def _share_train_logprobs(rows) -> None:
-    """Every rank ends with every row's train logprobs (DeepSpeed: the rows are the same on all)."""
-    import torch.distributed as dist
-
-    mine = {(r["slot"], r["sample"]): r["train_logprobs"] for r in rows if "train_logprobs" in r}
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    by_key = {(r["slot"], r["sample"]): r for r in rows}
-    for part in everyone:
-        for key, lp in part.items():
-            by_key[key]["train_logprobs"] = lp
 
 
 def _collate(rows, pad_id: int, device):

@@ -15,14 +15,10 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from qatctl import models, state
-from qatctl.errors import QatctlError
 from qatctl.grpo import GRPOLoop, rollout_tensors
+from qatctl.state import continue_from
 from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer
-
-TRAINER_STATE = "trainer_state"  # subfolder of a qat-checkpoint: fp32 masters + AdamW (qatctl/state.py)
 
 
 class Session:
@@ -181,12 +177,10 @@ class Session:
         if tmp is None:
             return None
         optimizer = self.trainer.optimizer if self.trainer is not None and self.trainer.backend == "torch" else None
-        state.save_state(tmp / TRAINER_STATE, model, optimizer, meta={"iteration": self.loop.iteration})
+        info = state.write_trainer_state(tmp, model, optimizer, {"iteration": self.loop.iteration})
         models.remove_fake_quant(model)
         models.save_checkpoint(model, self.tokenizer, tmp)
-        step = max((int(s["step"]) for s in optimizer.state.values()), default=0) if optimizer else None
-        return {"path": TRAINER_STATE, "masters": "fp32", "optimizer": "AdamW" if optimizer else None,
-                "optimizer_step": step, "bytes": sum(p.stat().st_size for p in (tmp / TRAINER_STATE).iterdir())}
+        return info
 
     def rl_state(self, prompts_path) -> dict:
         return {"iteration": self.loop.iteration, "cursor": self.loop.cursor, "prompts": str(prompts_path)}
@@ -200,23 +194,3 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-
-
-def continue_from(artifact, model, optimizer) -> dict | None:
-    """Load the artifact's trainer_state (fp32 masters; AdamW moments and step when `optimizer`
-    is given) into the model built from its BF16 weights. The masters must round to exactly
-    those weights: a trainer_state from another checkpoint is refused."""
-    info = artifact.manifest.get(TRAINER_STATE)
-    folder = artifact.path / TRAINER_STATE
-    if not info or not folder.is_dir():
-        return None
-    if optimizer is not None and not info.get("optimizer"):
-        optimizer = None  # written without one (DeepSpeed): AdamW starts fresh
-    named = state.named_masters(model)
-    bf16 = {n: p.detach().to(torch.bfloat16) for n, p in named.items()}
-    state.load_state(folder, model, optimizer, restore_rng=False)
-    for n, p in named.items():
-        if not torch.equal(p.detach().to(torch.bfloat16), bf16[n]):
-            raise QatctlError(f"{folder}: masters do not round to {artifact.path}'s BF16 weights ({n}); "
-                              "this trainer_state belongs to another checkpoint")
-    return {"masters": True, "optimizer": optimizer is not None}

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from qatctl.errors import QatctlError
 
+TRAINER_STATE = "trainer_state"  # subfolder of a qat-checkpoint written by a training stage
 MASTERS, OPTIMIZER, STATE, RNG = "masters.safetensors", "optimizer.safetensors", "state.json", "rng.safetensors"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -81,8 +82,7 @@ def save_state(folder: Path, model, optimizer=None, scheduler=None, meta: dict |
     folder.mkdir(parents=True)
     masters = named_masters(model)
     _save_tensors({n: p.float() for n, p in masters.items()}, folder / MASTERS)
-    state = {"meta": meta or {}, "optimizer": None, "scheduler": None,
-             "python_rng": _jsonable(random.getstate())}
+    state = {"meta": meta or {}, "optimizer": None, "scheduler": None}
     if optimizer is not None:
         by_id = {id(p): n for n, p in masters.items()}
         tensors = {}
@@ -95,15 +95,34 @@ def save_state(folder: Path, model, optimizer=None, scheduler=None, meta: dict |
         state["optimizer"] = {"type": type(optimizer).__name__, "param_groups": _jsonable(groups)}
     if scheduler is not None:
         state["scheduler"] = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    save_meta(folder, state)
+
+
+def save_meta(folder: Path, state: dict) -> None:
+    """The RNG and state.json (written last: its presence marks the folder complete)."""
+    state = {"python_rng": _jsonable(random.getstate()), **state}
     _save_tensors({"torch": torch.get_rng_state()}, folder / RNG)
     _write_json(folder / STATE, state)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def load_state(folder: Path, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
+def load_meta(folder: Path, restore_rng: bool = True) -> dict:
+    """state.json's meta, restoring the RNG state saved beside it."""
+    state = read_json(folder / STATE)
+    if restore_rng:
+        rng = read_tensors(folder / RNG)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_tupled(state["python_rng"]))
+    return state.get("meta") or {}
+
+
+def load_state(folder: Path, model, optimizer=None, scheduler=None, restore_rng: bool = True,
+               restore_groups: bool = True) -> dict:
     """Load masters (and the optimizer, scheduler and RNG when given) from `folder`; returns meta.
 
-    Everything is read and checked first; the model and optimizer change only when all of it fits.
+    `restore_groups` also restores the optimizer's hyperparameters (the scheduled lr of a resumed
+    run); a new run continuing another's state keeps its own. Everything is read and checked
+    first; the model and optimizer change only when all of it fits.
     """
     state = read_json(folder / STATE)
     masters = named_masters(model)
@@ -135,6 +154,9 @@ def load_state(folder: Path, model, optimizer=None, scheduler=None, restore_rng:
         if len(groups) != len(optimizer.param_groups):
             raise QatctlError(f"{folder / STATE}: {len(groups)} optimizer param groups, expected "
                               f"{len(optimizer.param_groups)}")
+        if restore_groups:
+            for group, saved_group in zip(optimizer.param_groups, groups, strict=True):
+                group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_group.items()})
         optimizer.state.clear()
         for name, p in masters.items():
             s = {k: opt_tensors[f"{name}.{k}"].clone() for k in ADAM_KEYS if f"{name}.{k}" in opt_tensors}
@@ -177,7 +199,7 @@ def _tupled(obj):
     return tuple(_tupled(x) for x in obj) if isinstance(obj, list) else obj
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -207,7 +229,7 @@ def commit_state(root: Path, prefix: str, number: int, write, keep: int = 2) -> 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in complete_states(root, prefix)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -229,3 +251,31 @@ def load_newest(root: Path, prefix: str, load) -> tuple[Path, dict] | None:
     if errors:
         raise QatctlError(f"{root}: no resume state loads ({errors[0]}); rerun with --no-resume to start over")
     return None
+
+
+def continue_from(artifact, model, optimizer) -> dict | None:
+    """Load the artifact's trainer_state (fp32 masters; AdamW moments and step when `optimizer`
+    is given) into the model built from its BF16 weights. The masters must round to exactly
+    those weights: a trainer_state from another checkpoint is refused."""
+    info = artifact.manifest.get(TRAINER_STATE)
+    folder = artifact.path / TRAINER_STATE
+    if not info or not folder.is_dir():
+        return None
+    if optimizer is not None and not info.get("optimizer"):
+        optimizer = None  # written without one (DeepSpeed): AdamW starts fresh
+    named = named_masters(model)
+    bf16 = {n: p.detach().to(torch.bfloat16) for n, p in named.items()}
+    load_state(folder, model, optimizer, restore_rng=False, restore_groups=False)
+    for n, p in named.items():
+        if not torch.equal(p.detach().to(torch.bfloat16), bf16[n]):
+            raise QatctlError(f"{folder}: masters do not round to {artifact.path}'s BF16 weights ({n}); "
+                              "this trainer_state belongs to another checkpoint")
+    return {"masters": True, "optimizer": optimizer is not None}
+
+
+def write_trainer_state(tmp: Path, model, optimizer, meta: dict) -> dict:
+    """trainer_state/ of an output qat-checkpoint, and the manifest field describing it."""
+    save_state(tmp / TRAINER_STATE, model, optimizer, meta=meta)
+    step = max((int(s["step"]) for s in optimizer.state.values()), default=0) if optimizer is not None else None
+    return {"path": TRAINER_STATE, "masters": "fp32", "optimizer": type(optimizer).__name__ if optimizer else None,
+            "optimizer_step": step, "bytes": sum(p.stat().st_size for p in (tmp / TRAINER_STATE).iterdir())}

@@ -14,8 +14,8 @@ target weight is fake-quantized at its first use and the cached w_hat serves eve
 micro-batch is exact).
 
 Checkpoints (`save_state` / `load_state`) hold fp32 masters, optimizer, scheduler and RNG
-states; a step folder is written as `NAME.tmp` and renamed, so the latest complete one is
-always readable.
+states as safetensors + JSON (qatctl/state.py: no pickle is ever loaded); a step folder is
+written as `NAME.tmp`, fsynced and renamed, and the last two are kept.
 
 Memory: a CPU step allocates logits- and embedding-sized tensors (~100 MB each) afresh every
 micro-batch. glibc serves blocks that large with mmap and unmaps them on free, so every step
@@ -31,7 +31,6 @@ import ctypes
 import json
 import math
 import os
-import random
 import shutil
 import sys
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
+from qatctl import state
 from qatctl.errors import QatctlError
 
 
@@ -110,6 +110,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, settings.warmup_steps, total_steps, settings.min_lr_ratio))
         self.autocast = next(model.parameters()).device.type == "cuda"
+        self.steps_done = 0
         keep_freed_memory()
 
     @property
@@ -136,10 +137,15 @@ class Trainer:
             for mb in self.shard(micro_batches):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                     loss, info = loss_fn(self.forward_module, mb)
+                if not torch.isfinite(loss.detach()).all():
+                    raise QatctlError(f"the loss is {float(loss.detach())} (non-finite) at optimizer step "
+                                      f"{self.steps_done + 1}; nothing was committed, the last resume state is intact",
+                                      exit_code=1)
                 self._backward(loss)
                 total += float(loss.detach())
                 infos.append(info)
         grad_norm = self._update()
+        self.steps_done += 1
         return {"loss": self.reduce_sum(total), "grad_norm": grad_norm, "lr": lr, "infos": infos}
 
     def _backward(self, loss):
@@ -149,6 +155,10 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if not math.isfinite(norm):  # stepping would write NaN into every master
+            self.optimizer.zero_grad(set_to_none=True)
+            raise QatctlError(f"the gradient norm is {norm} at optimizer step {self.steps_done + 1}; nothing was "
+                              "committed, the last resume state is intact", exit_code=1)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -166,21 +176,12 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save_state(self, folder: Path, meta: dict) -> None:
-        """Write step state into folder (created here); meta.json last marks it complete."""
-        folder.mkdir(parents=True)
-        torch.save(self.model.state_dict(), folder / "model.pt")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   folder / "optimizer.pt")
-        _save_rng(folder / "rng.pt")
-        (folder / "meta.json").write_text(json.dumps(meta))
+        """Write step state into folder (created here) as safetensors + JSON (qatctl/state.py);
+        state.json last marks it complete."""
+        state.save_state(folder, self.model, self.optimizer, self.scheduler, meta)
 
     def load_state(self, folder: Path) -> dict:
-        self.model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-        opt = torch.load(folder / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        _load_rng(folder / "rng.pt")
-        return json.loads((folder / "meta.json").read_text())
+        return state.load_state(folder, self.model, self.optimizer, self.scheduler)
 
 
 class DeepSpeedTrainer(Trainer):
@@ -263,18 +264,17 @@ class DeepSpeedTrainer(Trainer):
         return self.model
 
     def save_state(self, folder: Path, meta: dict) -> None:
-        # Every rank writes its ZeRO partition; rank 0 writes meta.json after all are done.
-        self.engine.save_checkpoint(str(folder), tag="ds", client_state={"meta": meta})
+        # Every rank writes its ZeRO partition in DeepSpeed's own checkpoint format; rank 0
+        # writes the RNG and state.json (qatctl/state.py) after all are done.
+        self.engine.save_checkpoint(str(folder), tag="ds", client_state={})
         self.barrier()
         if self.is_main:
-            _save_rng(folder / "rng.pt")
-            (folder / "meta.json").write_text(json.dumps(meta))
+            state.save_meta(folder, {"meta": meta})
         self.barrier()
 
     def load_state(self, folder: Path) -> dict:
         self.engine.load_checkpoint(str(folder), tag="ds")
-        _load_rng(folder / "rng.pt")
-        return json.loads((folder / "meta.json").read_text())
+        return state.load_meta(folder)
 
 
 def _deepspeed_config(path: Path, micro_batch: int, gas: int, world: int, max_grad_norm: float) -> dict:
@@ -316,14 +316,9 @@ def make_trainer(model, settings: OptimSettings, total_steps: int, batch_size: i
 
 # ---------------------------------------------------------------- step folders
 
-def latest_state(root: Path) -> Path | None:
-    """The newest complete step folder (step-NNNNNN with meta.json), or None."""
-    done = [p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "meta.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def save_step(trainer: Trainer, root: Path, step: int, meta: dict, keep: int = 1) -> Path:
-    """Write step-NNNNNN atomically (tmp folder, rename) and drop older ones beyond `keep`."""
+def save_step(trainer: Trainer, root: Path, step: int, meta: dict, keep: int = 2) -> Path:
+    """Write step-NNNNNN atomically (tmp folder, rename) and keep the newest `keep` (a corrupt
+    newest one then falls back to the one before: state.load_newest)."""
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
     if trainer.is_main:
@@ -333,19 +328,8 @@ def save_step(trainer: Trainer, root: Path, step: int, meta: dict, keep: int = 1
     trainer.save_state(tmp, meta)
     if trainer.is_main:
         os.replace(tmp, final)
-        olds = sorted((p for p in root.glob("step-*") if p != final and not p.name.endswith(".tmp")),
-                      key=lambda p: int(p.name.split("-")[1]))
-        for p in olds[: max(0, len(olds) - keep + 1)]:
+        state.fsync_dir(root)
+        for p in state.complete_states(root, "step")[keep:]:
             shutil.rmtree(p, ignore_errors=True)
     trainer.barrier()
     return final
-
-
-def _save_rng(path: Path) -> None:
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, path)
-
-
-def _load_rng(path: Path) -> None:
-    state = torch.load(path, weights_only=False)
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])

@@ -6,8 +6,10 @@ Reads:  CKPT, a `qat-checkpoint` (its manifest carries the quant scheme), and --
 Writes: a `qat-checkpoint` (BF16 HF folder) with `metrics.jsonl` (one line per step) and a
         manifest holding the loss curve, tokens/s and wall time, and whether fake quant was on.
 
-Every `--save-every` steps the full training state (fp32 masters, AdamW, schedule, RNG, step)
-is written atomically inside OUT.partial/state/; re-running the same command after a kill
+The output also carries `trainer_state/` (fp32 masters + AdamW moments, safetensors), so a
+chained stage continues exactly; an input's trainer_state is continued (--reset-optimizer: masters
+only). Every `--save-every` steps the full training state (fp32 masters, AdamW, schedule, RNG,
+step) is written atomically inside OUT.partial/state/ as safetensors + JSON (the last two kept); re-running the same command after a kill
 resumes from it (the default; --no-resume starts over), and the result is bit-identical to an
 uninterrupted run on CPU.
 
@@ -52,6 +54,7 @@ class TrainSftQatConfig:
     save_every: int = 50  # steps between resumable checkpoints
     deepspeed: Path | None = None  # DeepSpeed JSON config (ZeRO 0-3); launch with deepspeed/torchrun
     device: str = "auto"  # auto, cpu or cuda
+    reset_optimizer: bool = False  # start AdamW fresh instead of CKPT's trainer_state moments
     resume: bool = True  # continue from OUT.partial's last checkpoint of the same run
     force: bool = False  # replace an existing output made with other config/inputs
 
@@ -68,12 +71,20 @@ def _validate(c: TrainSftQatConfig) -> None:
             raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
     if c.steps is not None and c.steps < 1:
         raise QatctlError(f"--steps {c.steps}: must be >= 1")
-    if c.epochs is not None and c.epochs <= 0:
-        raise QatctlError(f"--epochs {c.epochs}: must be > 0")
+    if c.epochs is not None:
+        from qatctl.checks import finite as _finite
+
+        _finite("--epochs", c.epochs, lo=0.0, lo_open=True, hi=1e6)
     if c.steps is not None and c.epochs is not None:
         raise QatctlError("--steps and --epochs: give one, not both")
-    if c.lr <= 0:
-        raise QatctlError(f"--lr {c.lr}: must be > 0")
+    from qatctl.checks import finite
+
+    finite("--lr", c.lr, lo=0.0, lo_open=True, hi=1.0)
+    finite("--weight-decay", c.weight_decay, lo=0.0)
+    finite("--min-lr-ratio", c.min_lr_ratio, lo=0.0, hi=1.0)
+    finite("--max-grad-norm", c.max_grad_norm, lo=0.0)
+    if c.warmup_steps < 0:
+        raise QatctlError(f"--warmup-steps {c.warmup_steps}: must be >= 0")
     if c.fake_quant_after < 0:
         raise QatctlError(f"--fake-quant-after {c.fake_quant_after}: must be >= 0")
     if c.no_fake_quant and c.fake_quant_after:
@@ -128,11 +139,9 @@ def run(config: TrainSftQatConfig) -> dict:
     if (done := out.up_to_date()) is not None:
         return {**done, "up_to_date": True}
 
-    from transformers import AutoTokenizer
+    from qatctl import data, models
 
-    from qatctl import data
-
-    tokenizer = AutoTokenizer.from_pretrained(config.ckpt)
+    tokenizer = models.load_tokenizer(config.ckpt)
     examples = data.load_sft(config.data, tokenizer, config.max_seq_len)  # bad lines fail before weights load
     total = config.steps or max(1, math.ceil((config.epochs or 1.0) * len(examples) / config.batch_size))
 
@@ -150,6 +159,10 @@ def run(config: TrainSftQatConfig) -> dict:
     settings = OptimSettings(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
                              min_lr_ratio=config.min_lr_ratio, max_grad_norm=config.max_grad_norm)
     trainer = make_trainer(model, settings, total, config.batch_size, config.micro_batch, config.deepspeed)
+    from qatctl import state
+
+    optimizer = trainer.optimizer if trainer.backend == "torch" else None  # DeepSpeed keeps its own
+    continued = state.continue_from(src, model, None if config.reset_optimizer else optimizer)
     rank, _ = dist_env()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -195,13 +208,15 @@ def run(config: TrainSftQatConfig) -> dict:
         if not trainer.is_main:
             trainer.barrier()
             return {"status": "complete", "rank": rank}
+        shutil.rmtree(state_root, ignore_errors=True)
+        trainer_state = state.write_trainer_state(tmp, model, optimizer, {"step": total})
         models.remove_fake_quant(model)
         models.save_checkpoint(model, tokenizer, tmp)
-        shutil.rmtree(state_root, ignore_errors=True)
-        metrics = _summary(history, examples, n_targets, trainer)
+        metrics = {**_summary(history, examples, n_targets, trainer), "continued_from": continued}
         manifest = out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics,
                               extra={"training": {"fake_quant": fake_quant,
-                                                  "fake_quant_after": config.fake_quant_after}})
+                                                  "fake_quant_after": config.fake_quant_after},
+                                     "trainer_state": trainer_state})
     trainer.barrier()
     return manifest
 
@@ -232,18 +247,18 @@ class _partial:
 
 
 def _resume(trainer, state_root: Path, resume: bool) -> tuple[list, int]:
-    from qatctl.train import latest_state
+    from qatctl import state
     from qatctl.ui import console
 
-    latest = latest_state(state_root) if state_root.is_dir() else None
-    if latest is None or not resume:
-        if latest is not None and trainer.is_main:
+    found = state.load_newest(state_root, "step", trainer.load_state) if resume else None
+    if found is None:
+        if state_root.exists() and trainer.is_main:
             shutil.rmtree(state_root, ignore_errors=True)
         trainer.barrier()
         return [], 0
-    meta = trainer.load_state(latest)
+    folder, meta = found
     if trainer.is_main:
-        console.print(f"resuming from {latest} (step {meta['step']})")
+        console.print(f"resuming from {folder} (step {meta['step']})")
     return meta["history"], meta["step"]
 
 

@@ -116,7 +116,7 @@ def test_rl_step_end_to_end(tiny_policy, tmp_path):
     m2 = json.loads(qatctl("rl-step", out, "--rollout-model", tmp_path / "int4-1", "--prompts", ARITH,
                            "--out", tmp_path / "policy-2", "--reward", f"{tiny_policy / 'rw.py'}:odd_length",
                            "--prompts-per-step", "4", "--samples-per-prompt", "4", "--max-new-tokens", "12",
-                           "--json").stdout)
+                           "--no-dynamic-sampling", "--json").stdout)
     assert m2["rl"] == {**m2["rl"], "iteration": 2, "cursor": 8}
     rows2 = [json.loads(ln) for ln in (tmp_path / "policy-2" / "rollouts.jsonl").read_text().splitlines()]
     assert {r["prompt_index"] for r in rows2} == {4, 5, 6, 7}
