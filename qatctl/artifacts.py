@@ -108,22 +108,46 @@ class OutputDir:
 
     def __init__(self, path, *, stage: str, kind: str, config: dict, inputs: list[dict], force: bool = False):
         assert kind in KINDS, kind
+        if str(path).strip() in ("", "."):
+            raise QatctlError(f"--out {str(path)!r}: give a folder to create (not the current folder)")
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.stage, self.kind, self.force = stage, kind, force
         self.config, self.inputs = _normalized(config), _normalized(inputs)
+        self.writer = int(os.environ.get("RANK", "0")) == 0  # one writer: rank 0 of a distributed run
+        self._check_place()
+        self._lock = _lock(self.path) if self.writer else None
+
+    def _check_place(self) -> None:
+        """--out must not be an input, sit inside one, or contain one; its parent must be a folder;
+        only folders qatctl made may be in the way."""
+        out = self.path.resolve()
+        for i in self.inputs:
+            src = Path(i.get("path", "")).resolve() if i.get("path") else None
+            if src is not None and (out == src or src in out.parents or out in src.parents):
+                raise QatctlError(f"--out {self.path}: is, or overlaps, the input {i['path']}; choose another folder")
+        parent = next((p for p in out.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise QatctlError(f"--out {self.path}: {parent} is a file, not a folder")
+        if self.partial.exists() and not (self.partial / RUN_KEY).is_file():
+            raise QatctlError(f"{self.partial}: exists and was not made by qatctl; move it away (it is never deleted)")
+        old = self.path.with_name(self.path.name + ".old")
+        if old.exists() and not (old / MANIFEST).is_file():
+            raise QatctlError(f"{old}: exists and was not made by qatctl; move it away (it is never deleted)")
 
     def up_to_date(self) -> dict | None:
         """The existing manifest if the output is complete with the same config and inputs.
 
-        Raises if a different complete (or foreign) output is in the way and --force is off.
+        Raises if a different complete (or foreign) output is in the way and --force is off;
+        --force never replaces a folder that is not a qatctl artifact.
         """
         if not self.path.exists():
             return None
+        if not (self.path / MANIFEST).is_file():
+            raise QatctlError(f"{self.path}: exists and is not a qatctl artifact; remove it yourself "
+                              "(--force replaces only qatctl outputs)")
         if self.force:
             return None
-        if not (self.path / MANIFEST).is_file():
-            raise QatctlError(f"{self.path}: exists and is not a qatctl artifact; remove it or pass --force")
         existing = read_manifest(self.path)
         same = (existing.get("status") == "complete"
                 and _run_key(existing.get("stage"), existing.get("config"), existing.get("inputs", []))
@@ -169,7 +193,14 @@ class OutputDir:
         else:
             os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
+        self.release()
         return manifest
+
+    def release(self) -> None:
+        """Drop the lock on --out (also dropped when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 def _run_key(stage, config, inputs) -> dict:
@@ -211,6 +242,30 @@ def _has_state(partial: Path) -> bool:
     """Whether a partial folder holds a training stage's resume state (its `state/` folder)."""
     state = partial / "state"
     return state.is_dir() and any(state.iterdir())
+
+
+def _lock(path: Path):
+    """An exclusive lock on --out for this process's lifetime (a sibling lock file): a second run
+    on the same --out fails at once, naming the holder."""
+    import fcntl
+
+    lock = path.with_name(f".{path.name}.qatctl-lock")
+    parent = lock.parent
+    if not parent.exists():
+        parent.mkdir(parents=True)
+    f = open(lock, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise QatctlError(f"--out {path}: in use by another qatctl run ({holder}); wait for it or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
 
 
 def _fsync_dir(path: Path) -> None:

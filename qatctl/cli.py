@@ -70,6 +70,12 @@ def _run(stage_run, config):
             raise
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # an unwritable, full or missing path: the user's environment, not a bug
+        if _state["debug"]:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        console.print(f"[bold red]error:[/] {where}{e.strerror or e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
@@ -345,6 +351,11 @@ def accuracy(
         from qatctl.artifacts import read_artifact
         from qatctl.engines import load_engine
 
+        if limit is not None and limit < 1:
+            raise QatctlError(f"--limit {limit}: must be >= 1")
+        from qatctl.checks import finite
+
+        finite("--max-new-tokens", max_new_tokens, lo=1, hi=4096)
         art = read_artifact(model, ("int4-checkpoint", "qat-checkpoint"))
         score = rl.load_reward(reward)
         engine = load_engine(model, weights="int4" if art.kind == "int4-checkpoint" else "fp32")
@@ -389,8 +400,26 @@ def inspect(
 
 
 def run() -> None:
-    app()
+    """The console script: typer's usage errors become one `error:` line and exit 2 as well."""
+    from qatctl.ui import console
+
+    # typer >= 0.26 vendors click; the usage errors are BadParameter's bases either way.
+    usage_error = typer.BadParameter.__mro__[1]
+    no_args = getattr(__import__(usage_error.__module__, fromlist=["x"]), "NoArgsIsHelpError", ())
+    try:
+        rc = app(standalone_mode=False)
+    except no_args as e:  # `qatctl` or `qatctl STAGE` alone: the help
+        console.print(e.ctx.get_help() if e.ctx else str(e), highlight=False, markup=False)
+        sys.exit(0 if e.ctx is None or e.ctx.parent is None else 2)
+    except usage_error as e:
+        where = f"qatctl {e.ctx.command.name}: " if e.ctx is not None and e.ctx.parent is not None else ""
+        console.print(f"[bold red]error:[/] {where}{e.format_message()} (see -h)", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    run()

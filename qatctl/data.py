@@ -23,8 +23,12 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise QatctlError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise QatctlError(f"{path}:{n}: not UTF-8 text (byte {e.start})") from None
             if not line.strip():
                 continue
             try:

@@ -122,9 +122,10 @@ def load_config(src: ModelSource):
 
     if src.kind == "preset" and src.name in TINY_PRESETS:
         return tiny_config(src.name, len(tiny_tokenizer()))
-    if src.kind == "hf-folder":
-        return AutoConfig.from_pretrained(src.path)
-    return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
+    with _input_errors(src.path, "the model config"):
+        if src.kind == "hf-folder":
+            return AutoConfig.from_pretrained(src.path)
+        return AutoConfig.from_pretrained(src.path.parent, gguf_file=src.path.name)
 
 
 def load_source(src: ModelSource, seed: int = 0):
@@ -139,11 +140,14 @@ def load_source(src: ModelSource, seed: int = 0):
         # HF's init leaves norms at exactly 1 and draws weights N(0, 0.02); that is fine for tests.
         return model.eval(), tok
     if src.kind == "hf-folder":
-        return (AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32).eval(),
-                AutoTokenizer.from_pretrained(src.path))
+        check_weight_files(src.path)
+        with _input_errors(src.path, "the model"):
+            return (AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32).eval(),
+                    load_tokenizer(src.path))
     folder, name = src.path.parent, src.path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with _input_errors(src.path, "the GGUF model"):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def load_tokenizer(path):
@@ -161,9 +165,48 @@ def load_tokenizer(path):
 
 def load_checkpoint(path, dtype=torch.float32):
     """A qat-checkpoint (plain HF folder) as (model, tokenizer), fp32 masters by default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path))
+    check_weight_files(Path(path))
+    with _input_errors(path, "the checkpoint"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, load_tokenizer(path)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every *.safetensors file of a folder opens and lists its tensors (a truncated, empty or
+    corrupt file is a one-line error naming it, before any weight is read)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise QatctlError(f"{folder}: no *.safetensors weights")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                for key in h.keys():
+                    h.get_slice(key).get_shape()
+        except Exception as e:  # safetensors' own error types (SafetensorError, HeaderTooSmall, ...)
+            raise QatctlError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+
+
+class _input_errors:
+    """Turn what transformers raises on a broken input folder into one QatctlError line."""
+
+    def __init__(self, path, what: str):
+        self.path, self.what = path, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or issubclass(exc_type, (QatctlError, KeyboardInterrupt, MemoryError)):
+            return False
+        if issubclass(exc_type, (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError,
+                                 UnicodeDecodeError, AttributeError)) or "safetensors" in exc_type.__module__:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc_type.__name__
+            raise QatctlError(f"{self.path}: {self.what} does not load ({first})") from None
+        return False
 
 
 def save_checkpoint(model, tokenizer, out: Path, dtype=torch.bfloat16) -> None:

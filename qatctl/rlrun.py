@@ -176,6 +176,8 @@ class Session:
         model = self.trainer.gather_weights() if self.trainer is not None else self.model
         if tmp is None:
             return None
+        for work in ("state", "sync"):  # resume states and pushed checkpoints are not part of the output
+            shutil.rmtree(tmp / work, ignore_errors=True)
         optimizer = self.trainer.optimizer if self.trainer is not None and self.trainer.backend == "torch" else None
         info = state.write_trainer_state(tmp, model, optimizer, {"iteration": self.loop.iteration})
         models.remove_fake_quant(model)

@@ -83,6 +83,8 @@ def test_read_artifact_checks(tmp_path):
 def test_foreign_folder_in_the_way(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(QatctlError, match="not a qatctl artifact; remove it or pass --force"):
+    with pytest.raises(QatctlError, match="not a qatctl artifact; remove it yourself"):
         build(tmp_path / "out")
+    with pytest.raises(QatctlError, match=r"--force replaces only qatctl outputs"):
+        build(tmp_path / "out", force=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

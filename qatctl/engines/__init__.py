@@ -27,12 +27,15 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        from qatctl.checks import finite
         from qatctl.errors import QatctlError
 
-        if self.temperature < 0:
-            raise QatctlError(f"sampling: temperature={self.temperature} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise QatctlError(f"sampling: top_p={self.top_p} must be in (0, 1]")
+        finite("sampling: temperature", self.temperature, lo=0.0, hi=1e4)
+        if 0 < self.temperature < 1e-4:  # logits / 1e-40 overflow to inf: treat as a user error, not a NaN
+            raise QatctlError(f"sampling: temperature={self.temperature} is too small (use 0 for greedy, or >= 1e-4)")
+        finite("sampling: top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise QatctlError(f"sampling: seed={self.seed} must be in [0, 2**63)")
         if self.top_k < 0:
             raise QatctlError(f"sampling: top_k={self.top_k} must be >= 0")
         if self.max_new_tokens < 0:
