@@ -273,7 +273,8 @@ def eval_consistency(
     prompts: Annotated[Path, typer.Option(help="JSONL with prompt or messages.")] = ...,
     out: Out = ...,
     rollouts: Annotated[Optional[Path], typer.Option(help="Score these rollouts (rollouts.jsonl) instead of generating.")] = E.rollouts,
-    engine_url: Annotated[Optional[str], typer.Option(help="Generate on a running SGLang / qatctl serve.")] = E.engine_url,
+    engine_url: Annotated[Optional[str], typer.Option(help="Generate on a running SGLang / qatctl serve (first pointed at INFER_CKPT).")] = E.engine_url,
+    api_key: Annotated[Optional[str], typer.Option(envvar="QATCTL_API_KEY", show_envvar=True, help="Bearer key for --engine-url.")] = E.api_key,
     train_view: Annotated[str, typer.Option(help="auto (from the manifest), fake-int4 or bf16.")] = E.train_view,
     ablation: Annotated[bool, typer.Option("--ablation", help="{fake-int4, bf16} x {int4, bf16} grid + engine floor.")] = E.ablation,
     limit: Annotated[int, typer.Option(help="Use the first N prompts.")] = E.limit,
@@ -290,7 +291,7 @@ def eval_consistency(
 
     config = EvalConsistencyConfig(
         train_ckpt=train_ckpt, infer_ckpt=infer_ckpt, prompts=prompts, out=out, rollouts=rollouts,
-        engine_url=engine_url, train_view=train_view, ablation=ablation, limit=limit,
+        engine_url=engine_url, api_key=api_key, train_view=train_view, ablation=ablation, limit=limit,
         samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
         max_abs_diff=max_abs_diff, force=force)
     manifest = _run(stage.run, config)

@@ -71,9 +71,9 @@ class Session:
     def _open_engine(self, policy, int4):
         c = self.c
         if c.engine_url:
-            from qatctl.engines.remote import RemoteEngine
+            from qatctl.engines import connect
 
-            engine = RemoteEngine(c.engine_url, api_key=c.api_key)
+            engine = connect(c.engine_url, api_key=c.api_key)
             engine.update_weights_from_disk(str(Path(c.rollout_model).resolve()),
                                             weight_version=str(self.start_iteration_of(policy)))
             return engine, {"engine": "remote", "url": c.engine_url}

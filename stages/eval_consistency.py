@@ -21,7 +21,6 @@ the mean |Δlogp| of the main arm exceeds X, after writing the report.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +38,8 @@ class EvalConsistencyConfig:
     prompts: Path  # JSONL: prompt or messages (answers not needed)
     out: Path
     rollouts: Path | None = None  # score these rollouts (rollouts.jsonl) instead of generating
-    engine_url: str | None = None  # generate on a running server instead of the embedded engine
+    engine_url: str | None = None  # generate on a running server (first pointed at INFER_CKPT)
+    api_key: str | None = None  # for --engine-url (or QATCTL_API_KEY); never recorded
     train_view: str = "auto"  # auto (from the manifest), fake-int4 or bf16
     ablation: bool = False  # the 2x2 grid + engine floor, from train_ckpt alone
     limit: int = 32  # prompts used (the first N)
@@ -52,7 +52,7 @@ class EvalConsistencyConfig:
 
     def recorded(self) -> dict:
         d = asdict(self)
-        del d["out"], d["force"], d["max_abs_diff"]  # the gate does not change the report
+        del d["out"], d["force"], d["max_abs_diff"], d["api_key"]  # the gate does not change the report
         return d
 
 
@@ -68,23 +68,45 @@ def _validate(c: EvalConsistencyConfig) -> None:
             raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
     if c.max_new_tokens < 1:
         raise QatctlError(f"--max-new-tokens {c.max_new_tokens}: must be >= 1")
+    from qatctl.checks import finite
+
+    finite("--temperature", c.temperature, lo=0.0, hi=1e4)
+    if c.max_abs_diff is not None:
+        finite("--max-abs-diff", c.max_abs_diff, lo=0.0)
     if c.rollouts is not None and not Path(c.rollouts).is_file():
         raise QatctlError(f"{c.rollouts}: no such rollouts file")
 
 
-def read_rollouts(path: Path) -> list[dict]:
+def _vocab_size(ckpt: Path) -> int:
+    from qatctl.state import read_json
+
+    size = read_json(Path(ckpt) / "config.json").get("vocab_size")
+    if not isinstance(size, int) or size < 1:
+        raise QatctlError(f"{ckpt}/config.json: vocab_size {size!r} is not a positive integer")
+    return size
+
+
+def read_rollouts(path: Path, vocab_size: int) -> list[dict]:
     """rollouts.jsonl rows with prompt_ids, output_ids and (optionally) rollout_logprobs."""
+    import math
+
     from qatctl.data import read_jsonl
 
     rows = []
     for n, obj in read_jsonl(path):
         for key in ("prompt_ids", "output_ids"):
             v = obj.get(key)
-            if not isinstance(v, list) or not all(isinstance(i, int) for i in v):
+            if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
                 raise QatctlError(f"{path}:{n}: {key!r} must be a list of token ids")
+            if any(not 0 <= i < vocab_size for i in v):
+                raise QatctlError(f"{path}:{n}: {key!r} holds a token id outside [0, {vocab_size})")
+        if not obj["prompt_ids"]:
+            raise QatctlError(f"{path}:{n}: 'prompt_ids' is empty")
         lps = obj.get("rollout_logprobs")
-        if lps is not None and len(lps) != len(obj["output_ids"]):
-            raise QatctlError(f"{path}:{n}: rollout_logprobs has {len(lps)} values for {len(obj['output_ids'])} tokens")
+        if lps is not None and (not isinstance(lps, list) or len(lps) != len(obj["output_ids"])):
+            raise QatctlError(f"{path}:{n}: rollout_logprobs must be a list of one value per output token")
+        if lps is not None and not all(isinstance(x, (int, float)) and math.isfinite(x) and x <= 0 for x in lps):
+            raise QatctlError(f"{path}:{n}: rollout_logprobs must be finite log-probabilities (<= 0)")
         rows.append({"prompt_ids": obj["prompt_ids"], "output_ids": obj["output_ids"], "rollout_logprobs": lps})
     return rows
 
@@ -132,13 +154,11 @@ def run(config: EvalConsistencyConfig) -> dict:
     if view == "auto":
         view = "fake-int4" if (train.manifest.get("training") or {}).get("fake_quant", True) else "bf16"
 
-    from transformers import AutoTokenizer
+    from qatctl import data, models
 
-    from qatctl import data
-
-    tokenizer = AutoTokenizer.from_pretrained(config.train_ckpt)
+    tokenizer = models.load_tokenizer(config.train_ckpt)
     prompts = data.load_prompts(config.prompts, tokenizer, need_answer=False)[: config.limit]
-    rollouts_in = read_rollouts(config.rollouts) if config.rollouts else None
+    rollouts_in = read_rollouts(config.rollouts, _vocab_size(config.train_ckpt)) if config.rollouts else None
 
     with out.building() as tmp:
         if config.ablation:
@@ -206,12 +226,11 @@ def _arm(train_side, infer_side) -> dict:
 
 def _single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
     from qatctl.consistency import weight_check
-    from qatctl.engines import load_engine
-    from qatctl.engines.remote import RemoteEngine
+    from qatctl.engines import connect, load_engine
 
     rollout_kind = "int4" if infer.kind == "int4-checkpoint" else "bf16"
-    if config.engine_url:
-        engine = RemoteEngine(config.engine_url, tokenizer=None)
+    if config.engine_url:  # the server serves what this report describes
+        engine = connect(config.engine_url, model_path=infer.path, api_key=config.api_key)
     else:
         engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32")
     rollouts = rollouts_in if rollouts_in is not None else generate(engine, jobs([p.prompt_ids for p in prompts],
@@ -219,18 +238,25 @@ def _single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
     arm = f"train {view} / rollout {rollout_kind}"
     metrics = _arm(_train_side(train.path, scheme, [view], rollouts)[view], _infer_side(engine, rollouts))
     wc = weight_check(train.path, infer.path, view, scheme)
-    return {"main_arm": arm, "arms": {arm: metrics}, "weight_check": wc, "kernel": getattr(engine, "kernel", None),
+    return {"main_arm": arm, "arms": {arm: metrics}, "weight_check": wc, "kernel": engine.kernel,
             "train_view": view, "rollout": rollout_kind, "rollouts": len(rollouts)}
 
 
 def _ablation(config, train, prompts, scheme, tmp: Path) -> dict:
-    from qatctl.consistency import mismatch_metrics, weight_check
-    from qatctl.engines import load_engine
-    from stages.convert_int4 import ConvertInt4Config
-    from stages.convert_int4 import run as convert
+    import tempfile
 
-    work = tmp / "_arms"
-    convert(ConvertInt4Config(ckpt=train.path, out=work / "int4"))
+    from qatctl import models
+    from qatctl.consistency import mismatch_metrics, weight_check
+    from qatctl.convert import int4_tensors, write_int4_checkpoint
+    from qatctl.engines import load_engine
+
+    # The INT4 arm's checkpoint, by the library's converter, in a scratch folder outside OUT.
+    scratch = tempfile.TemporaryDirectory(prefix="qatctl-ablation-")
+    work = Path(scratch.name)
+    model, _ = models.load_checkpoint(train.path)
+    write_int4_checkpoint(int4_tensors(models.disk_state_dict(model), scheme), train.path, work / "int4", scheme,
+                          note={"ablation_of": str(train.path)})
+    del model
     engines = {"int4": load_engine(work / "int4"), "bf16": load_engine(train.path, weights="fp32")}
     todo = jobs([p.prompt_ids for p in prompts], config)
     rollouts_by = {rollout: generate(engine, todo, config) for rollout, engine in engines.items()}
@@ -251,7 +277,7 @@ def _ablation(config, train, prompts, scheme, tmp: Path) -> dict:
     floor = mismatch_metrics([a["rollout_logprobs"] for a in alone], [r["rollout_logprobs"] for r in batched])
     floor["same_tokens"] = all(a["output_ids"] == r["output_ids"] for a, r in zip(alone, batched, strict=True))
     wc = weight_check(train.path, work / "int4", "fake-int4", scheme)
-    shutil.rmtree(work)
+    scratch.cleanup()
     return {"main_arm": "train fake-int4 / rollout int4", "arms": arms, "cells": cells, "floor": floor,
             "weight_check": wc,
             "kernel": engines["int4"].kernel, "rollouts": len(rollouts_by["int4"])}

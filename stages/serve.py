@@ -246,9 +246,9 @@ class Server:
                 new = load_engine(model_path, weights=self.config.weights, device=self.config.device)
             except QatctlError as e:
                 return False, str(e)
-            old_vocab = self.engine.embed.shape[0]
-            if new.embed.shape[0] != old_vocab:
-                return False, f"{model_path}: vocab {new.embed.shape[0]} differs from the served model's {old_vocab}"
+            if new.vocab_size != self.engine.vocab_size:
+                return False, (f"{model_path}: vocab {new.vocab_size} differs from the served model's "
+                               f"{self.engine.vocab_size}")
             self.engine = new
             self.scheduler.swap(new)
             self.model_path = model_path

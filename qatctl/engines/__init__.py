@@ -13,6 +13,7 @@ tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,42 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)  # of each sampled token
     finish_reason: str = "length"  # "stop" (EOS, stop id or stop string) or "length"
     text: str = ""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every rollout/inference engine offers (embedded: qatctl/engines/embedded.py; a server:
+    qatctl/engines/remote.py). Stages use only this."""
+
+    tokenizer: Any  # an HF tokenizer (None for a remote engine not given one)
+    kernel: str  # which kernel runs the linears ("remote" for a server)
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Completions with token ids, the logprob of each sampled token and the finish reason."""
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]], with_argmax: bool = False):
+        """Per-token logprobs of each completion; with_argmax: (logprobs, argmax ids or None)."""
+
+    def update_weights(self, tensors: dict) -> None:
+        """Swap weights in memory from the shared converter's tensors (bit-identical to a reload)."""
+
+    def info(self) -> dict: ...
+
+
+def connect(url: str, model_path=None, api_key: str | None = None, tokenizer=None):
+    """A server (SGLang or qatctl serve) as an Engine; pointed at `model_path` (a checkpoint on its
+    disk) first when given, so what it serves is what the caller reports on."""
+    from pathlib import Path
+
+    from qatctl.engines.remote import RemoteEngine
+
+    engine = RemoteEngine(url, tokenizer=tokenizer, api_key=api_key)
+    if model_path is not None:
+        engine.update_weights_from_disk(str(Path(model_path).resolve()))
+    return engine
 
 
 def load_engine(path, **options):

@@ -527,8 +527,13 @@ class EmbeddedEngine:
             raise QatctlError(f"update_weights: vocab/hidden {tuple(w.tensor('model.embed_tokens.weight').shape)} "
                               f"differs from the engine's {tuple(old['embed'].shape)}")
 
+    @property
+    def vocab_size(self) -> int:
+        return self.embed.shape[0]
+
     def info(self) -> dict:
         return {"engine": "embedded", "model": str(self.folder), "model_type": self.model_type,
+                "vocab_size": self.vocab_size,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes,
                 "lm_head_bytes": self.lm_head.nbytes, "lm_head_kernel": self.lm_head.kernel, "threads": torch.get_num_threads(),
                 "device": str(self.device)}

@@ -39,6 +39,19 @@ class RemoteEngine:
             raise QatctlError(f"{self.url}{route}: HTTP {r.status_code}: {r.text[:300]}", exit_code=1)
         return r.json()
 
+    @property
+    def vocab_size(self) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer)
+        size = self.info().get("vocab_size")
+        if not isinstance(size, int):
+            raise QatctlError(f"{self.url}/get_model_info: no vocab_size", exit_code=1)
+        return size
+
+    def update_weights(self, tensors: dict) -> None:
+        raise QatctlError(f"{self.url}: a server takes new weights from disk (update_weights_from_disk), "
+                          "not from this process's memory")
+
     def health(self) -> bool:
         import httpx
 
