@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,7 @@ class OutputDir:
         self.config, self.inputs = _normalized(config), _normalized(inputs)
         self.writer = int(os.environ.get("RANK", "0")) == 0  # one writer: rank 0 of a distributed run
         self._check_place()
-        self._lock = _lock(self.path) if self.writer else None
+        self._release = weakref.finalize(self, _lock(self.path)) if self.writer else None
 
     def _check_place(self) -> None:
         """--out must not be an input, sit inside one, or contain one; its parent must be a folder;
@@ -197,10 +198,9 @@ class OutputDir:
         return manifest
 
     def release(self) -> None:
-        """Drop the lock on --out (also dropped when the process ends)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Drop the lock on --out (also when this object goes away or the process ends)."""
+        if self._release is not None:
+            self._release()
 
 
 def _run_key(stage, config, inputs) -> dict:
@@ -245,27 +245,42 @@ def _has_state(partial: Path) -> bool:
 
 
 def _lock(path: Path):
-    """An exclusive lock on --out for this process's lifetime (a sibling lock file): a second run
-    on the same --out fails at once, naming the holder."""
+    """An exclusive lock on --out for this run (a sibling lock file, removed on release): a second
+    run on the same --out fails at once, naming the holder. Returns the release function."""
     import fcntl
 
     lock = path.with_name(f".{path.name}.qatctl-lock")
-    parent = lock.parent
-    if not parent.exists():
-        parent.mkdir(parents=True)
-    f = open(lock, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
+    if not lock.parent.exists():
+        lock.parent.mkdir(parents=True)
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise QatctlError(f"--out {path}: in use by another qatctl run ({holder}); wait for it or stop it") from None
+        try:  # the previous holder may have unlinked the file between our open and flock
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         f.close()
-        raise QatctlError(f"--out {path}: in use by another qatctl run ({holder}); wait for it or stop it") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}")
     f.flush()
-    return f
+
+    def release():
+        if not f.closed:
+            try:
+                os.unlink(lock)
+            except FileNotFoundError:
+                pass
+            f.close()
+
+    return release
 
 
 def _fsync_dir(path: Path) -> None:

@@ -245,7 +245,7 @@ def rl_step(
 @app.command("plot")
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Folders holding rl-step outputs (any depth), or rl-step outputs.")],
-    out: Annotated[Optional[Path], typer.Option(help="PNG path (default: FIRST_RUN_DIR/rl-metrics.png).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="PNG path (default: RUN_DIR/rl-metrics.png, or beside RUN_DIR when it is an artifact).")] = None,
 ):
     """Plot reward and train/rollout mismatch per iteration of one or several RL runs, side by side."""
 
@@ -255,7 +255,11 @@ def plot(
         for d in run_dirs:
             if not d.is_dir():
                 raise QatctlError(f"{d}: no such folder")
-        return plot_rl_history(run_dirs, out or run_dirs[0] / "rl-metrics.png")
+        first = run_dirs[0]
+        # Never inside an artifact (its files are digested in its manifest): beside it instead.
+        default = (first.parent / f"{first.name}-rl-metrics.png" if (first / "qatctl.json").is_file()
+                   else first / "rl-metrics.png")
+        return plot_rl_history(run_dirs, out or default)
 
     path = _run(draw, None)
     from qatctl import ui

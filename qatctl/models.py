@@ -170,6 +170,9 @@ def load_checkpoint(path, dtype=torch.float32):
     check_weight_files(Path(path))
     with _input_errors(path, "the checkpoint"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    for name, p in model.named_parameters():  # training from NaN would only write NaN artifacts
+        if not torch.isfinite(p).all():
+            raise QatctlError(f"{path}: {name}: {int((~torch.isfinite(p)).sum())} NaN/Inf value(s) in the weight")
     return model, load_tokenizer(path)
 
 

@@ -81,7 +81,9 @@ def run(config: ConvertInt4Config) -> dict:
 
     from qatctl.convert import convert_tensor, quantization_config, target_module
     from qatctl.errors import QatctlError
+    from qatctl.models import check_weight_files
     from qatctl.quant import QuantScheme
+    from qatctl.state import read_json
     from qatctl.ui import progress
 
     ckpt = src.path
@@ -89,6 +91,7 @@ def run(config: ConvertInt4Config) -> dict:
     shards = _shards(ckpt)
     if not shards:
         raise QatctlError(f"{ckpt}: no *.safetensors weights")
+    check_weight_files(ckpt)  # truncated / empty / corrupt shards: one line, before any output
     ignore, n_targets = _check_shapes(ckpt, shards, scheme)
 
     t0 = time.perf_counter()
@@ -113,7 +116,7 @@ def run(config: ConvertInt4Config) -> dict:
             index.setdefault("metadata", {})["total_size"] = sum((tmp / s).stat().st_size for s in shards)
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
 
-        hf_config = json.loads((ckpt / "config.json").read_text())
+        hf_config = read_json(ckpt / "config.json")
         hf_config["quantization_config"] = quantization_config(scheme, ignore)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         for p in ckpt.iterdir():  # tokenizer, generation config, chat template

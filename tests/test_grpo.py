@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_cli import assert_usage_error
 
 from conftest import REPO, make_int4, make_tiny, qatctl
-from test_cli import assert_usage_error
 
 ARITH = REPO / "recipes/data/arith-train.jsonl"
 REWARDS = '''
@@ -179,7 +179,6 @@ def test_engine_url_pushes_every_iteration(root, tmp_path):
     """With --engine-url each iteration's INT4 checkpoint is written and pushed with a
     weight_version; the rollouts equal the in-process run's."""
     import httpx
-
     from test_serve import Served
 
     make_int4(root / "llama", tmp_path / "int4")

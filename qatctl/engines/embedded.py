@@ -22,7 +22,6 @@ a generator per row.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -315,14 +314,16 @@ class EmbeddedEngine:
         device: auto (CUDA when present), cpu or cuda. `tensors` (with `group_size` for int4) gives
         the weights from memory, as update_weights takes them; the folder then supplies only the
         config and tokenizer."""
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import GenerationConfig
 
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise QatctlError(f"{folder}: not a model folder (no config.json)")
-        cfg = json.loads((folder / "config.json").read_text())
-        if cfg.get("model_type") not in SUPPORTED:
-            raise QatctlError(f"{folder}/config.json: model_type {cfg.get('model_type')!r} is not supported by the "
+        from qatctl.state import read_json
+
+        cfg = read_json(folder / "config.json")
+        if not isinstance(cfg, dict) or cfg.get("model_type") not in SUPPORTED:
+            raise QatctlError(f"{folder}/config.json: model_type {(cfg or {}).get('model_type')!r} is not supported by the "
                               f"embedded engine ({', '.join(SUPPORTED)})")
         t0 = time.perf_counter()
         from qatctl.train import device_and_dtype
@@ -330,7 +331,9 @@ class EmbeddedEngine:
         dev = device_and_dtype(device)[0]
         w = (_Weights.from_folder(folder, cfg, weights, dev) if tensors is None
              else _Weights.from_tensors(tensors, group_size, weights, dev))
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        from qatctl.models import load_tokenizer
+
+        tokenizer = load_tokenizer(folder)
         eos = cfg.get("eos_token_id")
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if (folder / "generation_config.json").is_file():
