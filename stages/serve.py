@@ -141,11 +141,40 @@ def _stops(v) -> tuple[str, ...]:
     raise BadRequest(f"stop must be a string or a list of strings, got {v!r}")
 
 
+# SGLang's sampling parameters (python/sglang/srt/sampling/sampling_params.py) that this server
+# does not implement, with the value that means "off": any other value is a 400 naming the
+# parameter, never silently ignored.
+NATIVE_UNSUPPORTED = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+                      "min_new_tokens": 0, "n": 1, "json_schema": None, "regex": None, "ebnf": None,
+                      "structural_tag": None, "stop_regex": None, "skip_special_tokens": True,
+                      "spaces_between_special_tokens": True, "no_stop_trim": False, "custom_params": None,
+                      "stream_interval": None, "logit_bias": None}
+NATIVE_SUPPORTED = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "ignore_eos",
+                    "sampling_seed", "seed"}
+# Top-level /generate fields likewise: (value meaning "off").
+GENERATE_UNSUPPORTED = {"top_logprobs_num": (None, 0), "return_text_in_logprobs": (None, False),
+                        "token_ids_logprob": (None,), "return_hidden_states": (None, False),
+                        "image_data": (None,), "lora_path": (None,), "custom_logit_processor": (None,)}
+
+
+def _refuse_unsupported(obj: dict, supported: set, unsupported: dict, where: str) -> None:
+    for key, value in obj.items():
+        if key in supported:
+            continue
+        if key in unsupported:
+            off = unsupported[key] if isinstance(unsupported[key], tuple) else (None, unsupported[key])
+            if value in off or value == {}:
+                continue
+            raise BadRequest(f"{where}{key}={value!r} is not supported by qatctl serve")
+        raise BadRequest(f"{where}{key} is not a known parameter")
+
+
 def sampling_from_native(sp: dict):
     """SGLang `sampling_params` -> SamplingParams (seed: `sampling_seed` or `seed`)."""
 
     if not isinstance(sp, dict):
         raise BadRequest("sampling_params must be an object")
+    _refuse_unsupported(sp, NATIVE_SUPPORTED, NATIVE_UNSUPPORTED, "sampling_params.")
     ids = sp.get("stop_token_ids") or []
     if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
         raise BadRequest("stop_token_ids must be a list of integers")
@@ -333,6 +362,12 @@ class Server:
             if len(sps) != len(prompts):
                 raise BadRequest("sampling_params list length differs from the number of prompts")
             params = [sampling_from_native(s) for s in sps]
+            unsupported = {k: v for k, v in body.items() if k in GENERATE_UNSUPPORTED}
+            _refuse_unsupported(unsupported, set(), GENERATE_UNSUPPORTED, "")
+            rid = body.get("rid")
+            rids = rid if isinstance(rid, list) else [rid] * len(prompts)
+            if len(rids) != len(prompts) or not all(r is None or isinstance(r, str) for r in rids):
+                raise BadRequest("rid must be a string, or a list of strings with one per prompt")
             want_lp = bool(body.get("return_logprob", False))
             start = body.get("logprob_start_len", -1)
             if not isinstance(start, int):
@@ -343,9 +378,9 @@ class Server:
                 return _sse(server._native_stream(prompts[0], params[0], want_lp))
             outs = await asyncio.gather(*(server._complete(p, s) for p, s in zip(prompts, params, strict=True)))
             results = []
-            for p, o in zip(prompts, outs, strict=True):
-                meta = {"id": uuid.uuid4().hex, "prompt_tokens": len(p), "completion_tokens": len(o.output_ids),
-                        "finish_reason": _finish(o)}
+            for p, o, r in zip(prompts, outs, rids, strict=True):
+                meta = {"id": r or uuid.uuid4().hex, "prompt_tokens": len(p), "completion_tokens": len(o.output_ids),
+                        "finish_reason": _finish(o), "weight_version": server.weight_version}
                 if want_lp:
                     meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids,
                                                                                     strict=True)]

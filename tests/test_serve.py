@@ -146,6 +146,35 @@ def test_bad_bodies_get_400_and_the_server_keeps_serving(server, route, body):
     assert post(server, "/generate", {"text": "ok", "sampling_params": {"max_new_tokens": 1}}).status_code == 200
 
 
+@pytest.mark.parametrize("body, name", [
+    ({"text": "a", "sampling_params": {"n": 4}}, "sampling_params.n=4"),
+    ({"text": "a", "sampling_params": {"min_new_tokens": 3}}, "sampling_params.min_new_tokens=3"),
+    ({"text": "a", "sampling_params": {"frequency_penalty": 0.5}}, "sampling_params.frequency_penalty"),
+    ({"text": "a", "sampling_params": {"presence_penalty": 0.5}}, "sampling_params.presence_penalty"),
+    ({"text": "a", "sampling_params": {"repetition_penalty": 1.2}}, "sampling_params.repetition_penalty"),
+    ({"text": "a", "sampling_params": {"logit_bias": {"5": 10.0}}}, "sampling_params.logit_bias"),
+    ({"text": "a", "sampling_params": {"no_stop_trim": True}}, "sampling_params.no_stop_trim"),
+    ({"text": "a", "sampling_params": {"regex": "a+"}}, "sampling_params.regex"),
+    ({"text": "a", "sampling_params": {"temprature": 0.5}}, "sampling_params.temprature is not a known parameter"),
+    ({"text": "a", "top_logprobs_num": 5}, "top_logprobs_num=5"),
+    ({"text": "a", "return_text_in_logprobs": True}, "return_text_in_logprobs=True"),
+])
+def test_unsupported_sglang_parameters_are_400_naming_them(server, body, name):
+    r = post(server, "/generate", body)
+    assert r.status_code == 400 and name in r.json()["error"]["message"], r.text
+
+
+def test_neutral_values_rid_and_weight_version(server):
+    sp = {"max_new_tokens": 2, "n": 1, "min_new_tokens": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+          "logit_bias": {}, "no_stop_trim": False, "skip_special_tokens": True}
+    r = post(server, "/generate", {"text": ["a", "b"], "sampling_params": sp, "rid": ["r-a", "r-b"],
+                                   "top_logprobs_num": 0})
+    assert r.status_code == 200, r.text
+    assert [x["meta_info"]["id"] for x in r.json()] == ["r-a", "r-b"]
+    assert all(x["meta_info"]["weight_version"] == "default" for x in r.json())
+    assert httpx.get(server.url + "/get_weight_version").json() == {"weight_version": "default"}
+
+
 def test_concurrent_clients_are_batched(server):
     def client(i):
         with httpx.Client(base_url=server.url, timeout=120) as c:
