@@ -184,7 +184,7 @@ class OutputDir:
             f.flush()
             os.fsync(f.fileno())
         os.replace(mtmp, tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if self.path.exists():  # --force: swap, so the old artifact survives a kill mid-swap
             old = self.path.with_name(self.path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -193,7 +193,7 @@ class OutputDir:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self.release()
         return manifest
 
@@ -283,7 +283,7 @@ def _lock(path: Path):
     return release
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

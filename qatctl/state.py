@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from qatctl.artifacts import fsync_dir
 from qatctl.errors import QatctlError
 
 TRAINER_STATE = "trainer_state"  # subfolder of a qat-checkpoint written by a training stage
@@ -197,17 +198,6 @@ def _jsonable(obj):
 
 def _tupled(obj):
     return tuple(_tupled(x) for x in obj) if isinstance(obj, list) else obj
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- numbered state folders
