@@ -294,6 +294,43 @@ class FakeQuant(nn.Module):
         return fake_quant(w, self.scheme) if self.enabled else w
 
 
+class _RoundBF16(torch.autograd.Function):
+    """Forward: the weight rounded to BF16 (in its own dtype). Backward: identity (STE)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.to(torch.bfloat16).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class BF16View(nn.Module):
+    """A parametrization: the module computes with the BF16 copy of an fp32 master, as a BF16
+    trainer's forward does (and as the BF16 checkpoint and the rollout engine hold it)."""
+
+    def forward(self, w):
+        return _RoundBF16.apply(w)
+
+
+def apply_bf16_view(model: nn.Module) -> int:
+    """Put BF16View on every parameter that fake quant does not already round (embeddings, norms,
+    lm_head; every weight when training without fake quant). With fp32 masters on CPU, this makes
+    the trainer compute with exactly the weights the rollout engine is synced with. Tied weights
+    (lm_head = embed_tokens) get the view on both modules. Returns how many were wrapped."""
+    n = 0
+    for mod in list(model.modules()):
+        if isinstance(mod, parametrize.ParametrizationList):  # fake quant's own master: already rounded
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.dtype != torch.float32 or (parametrize.is_parametrized(mod, pname)):
+                continue
+            parametrize.register_parametrization(mod, pname, BF16View(), unsafe=True)
+            n += 1
+    return n
+
+
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
     for mod in model.modules():
         if isinstance(mod, FakeQuant):

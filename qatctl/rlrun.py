@@ -31,6 +31,9 @@ class Session:
         model.to(self.device)
         if self.fake_quant:
             models.apply_fake_quant(model, scheme)
+        # The rollout engine holds the BF16 rounding of every master (that is what a sync pushes):
+        # the trainer computes with the same BF16 values, as a BF16 trainer's forward does.
+        models.apply_bf16_view(model)
         self.model, self.trainer = model, None
         settings = OptimSettings(lr=c.lr, max_grad_norm=c.max_grad_norm, min_lr_ratio=1.0)
         self._make_trainer = lambda n: make_trainer(model, settings, 1, n, 1, c.deepspeed)
