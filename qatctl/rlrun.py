@@ -54,7 +54,7 @@ class Session:
                              world=self.world, iteration=int(prev.get("iteration", 0)),
                              cursor=int(prev.get("cursor", 0)) % len(prompts), reference=ref_model,
                              device=self.device)
-        self.start_iteration, self.sync_root = self.loop.iteration, None
+        self.sync_root = None
 
     @property
     def is_main(self) -> bool:

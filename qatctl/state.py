@@ -58,13 +58,25 @@ def _save_tensors(tensors: dict, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a missing, truncated or corrupt file is a QatctlError."""
-    if not path.is_file():
+def open_safetensors(path: Path):
+    """A safetensors handle whose header and every tensor's shape were read; a truncated, empty
+    or corrupt file is a one-line QatctlError naming it (the one place that maps those errors)."""
+    if not Path(path).is_file():
         raise QatctlError(f"{path}: missing")
     try:
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        handle = safe_open(str(path), "pt")
+        for key in handle.keys():
+            handle.get_slice(key).get_shape()
+    except Exception as e:  # SafetensorError, HeaderTooSmall, ... : safetensors' own error types
+        raise QatctlError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+    return handle
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or corrupt file is a QatctlError."""
+    f = open_safetensors(path)
+    try:
+        return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise QatctlError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 

@@ -47,11 +47,11 @@ def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int
     """
     from safetensors import safe_open
 
-    from qatctl.convert import target_module
+    from qatctl.convert import ignored_modules, target_module
     from qatctl.errors import QatctlError
-    from qatctl.quant import check_shape, in_decoder_block, is_ignored
+    from qatctl.quant import check_shape
 
-    ignored, n = ["lm_head"], 0
+    dense, n = [], 0
     for shard in shards:
         with safe_open(ckpt / shard, "pt") as f:
             for key in f.keys():
@@ -61,12 +61,10 @@ def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int
                     check_shape(f"{ckpt / shard}: {module}", shape, scheme)
                     n += 1
                 elif len(shape) == 2 and key.endswith(".weight"):
-                    name = key[: -len(".weight")]
-                    if in_decoder_block(name) and is_ignored(name, scheme.ignore):
-                        ignored.append(name)
+                    dense.append(key)
     if n == 0:
         raise QatctlError(f"{ckpt}: no tensor matches the quant targets (decoder-block Linear weights)")
-    return list(dict.fromkeys(ignored)), n
+    return ignored_modules(dense, scheme), n
 
 
 def run(config: ConvertInt4Config) -> dict:

@@ -189,17 +189,12 @@ class _Weights:
 
     @classmethod
     def from_folder(cls, folder: Path, cfg: dict, weights: str, device: torch.device):
-        from safetensors import safe_open
+        from qatctl.state import open_safetensors
 
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise QatctlError(f"{folder}: no *.safetensors weights")
-        handles = []
-        for p in files:
-            try:
-                handles.append(safe_open(p, "pt"))
-            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-                raise QatctlError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        handles = [open_safetensors(p) for p in files]
         where = {k: h for h in handles for k in h.keys()}
         qc = cfg.get("quantization_config") or {}
         int4 = qc.get("format") == "pack-quantized"
