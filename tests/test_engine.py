@@ -153,6 +153,7 @@ def test_batch_invariance_mixed_lengths(tiny_pairs, preset):
     params = [SamplingParams(temperature=0.9, max_new_tokens=10 + i, seed=100 + i) for i in range(len(prompts))]
     batched = eng.generate(prompts, params)
     for p, sp, got in zip(prompts, params, batched, strict=True):
+        eng.flush_cache()  # each prompt prefilled alone, not copied from the batch's prefill
         alone = eng.generate([p], sp)[0]
         assert alone.output_ids == got.output_ids and alone.logprobs == got.logprobs
     scores = eng.score(prompts, [o.output_ids for o in batched])
@@ -174,6 +175,7 @@ def test_repeated_prompts_prefill_once_and_match_alone(tiny_pairs, preset, monke
     assert calls == [0, 1]
     monkeypatch.undo()
     for p, sp, got in zip(prompts, params, batched, strict=True):
+        eng.flush_cache()
         alone = eng.generate([p], sp)[0]
         assert alone.output_ids == got.output_ids and alone.logprobs == got.logprobs
     assert len({tuple(o.output_ids) for o in batched}) > 2  # the seeds did differ

@@ -48,8 +48,9 @@ class Completion:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each sampled token
-    finish_reason: str = "length"  # "stop" (EOS, stop id or stop string) or "length"
+    finish_reason: str = "length"  # "stop" (EOS, stop id or stop string), "length" or "abort"
     text: str = ""
+    matched: int | str | None = None  # what stopped it: the EOS/stop token id or the stop string
 
 
 @runtime_checkable

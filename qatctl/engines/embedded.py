@@ -4,8 +4,9 @@ Weights of an int4-checkpoint stay 4-bit: each target Linear is repacked at load
 running CPU (`_convert_weight_to_int4pack_for_cpu`, symmetric maps exactly as u = q + 8,
 zero 0) and runs `_weight_int4pack_mm_for_cpu` with BF16 activations. q/k/v and gate/up are
 fused into one kernel call each. Norms, RoPE, attention, softmax and the residual stream run
-in fp32. The KV cache of a generate() call is one [batch, kv heads, length, head_dim] tensor
-per layer; rows at the same length that sit next to each other attend over a view of it.
+in fp32. Generation runs as a continuous batch (qatctl/engines/batch.py): a KV pool of one
+[rows, kv heads, length, head_dim] tensor per layer, sequences joining and leaving at decode
+steps, identical prompts prefilled once (prefix cache, flushed by weight updates).
 
 On CUDA (device auto or cuda) the same code runs on the GPU: the int4 linears on tinygemm
 (`_weight_int4pack_mm`, packing proven against the dense matmul at load), the lm_head as fixed
@@ -23,7 +24,6 @@ a generator per row.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -261,6 +261,9 @@ class EmbeddedEngine:
         self.cos = torch.cat([ang, ang], dim=-1).cos().float().to(self.device)
         self.sin_signed = torch.cat([-ang.sin(), ang.sin()], dim=-1).float().to(self.device)
         self.mode, self.group_size = w.mode, w.group_size
+        from qatctl.engines.batch import PrefixCache
+
+        self.prefix_cache = PrefixCache()
         self._build(w)
 
     def _build(self, w: _Weights) -> None:
@@ -410,81 +413,35 @@ class EmbeddedEngine:
         h = self._forward(t, torch.arange(len(ids), device=self.device).unsqueeze(0), cache, [row], [0])
         return h[0]
 
-    def _prefill_shared(self, prompts: list[list[int]], cache) -> torch.Tensor:
-        """Prefill each distinct prompt once (alone, as always) and copy its KV rows and last
-        hidden state to the rows that repeat it (a GRPO group's samples): exactly what
-        prefilling each row alone gives, for a fraction of the work."""
-        first: dict[tuple, int] = {}
-        last = []
-        for b, p in enumerate(prompts):
-            a = first.setdefault(tuple(p), b)
-            if a == b:
-                last.append(self._prefill(p, cache, b)[-1])
-                continue
-            for K, V in cache:
-                K[b, :, :len(p)] = K[a, :, :len(p)]
-                V[b, :, :len(p)] = V[a, :, :len(p)]
-            last.append(last[a])
-        return torch.stack(last)
-
     # ------------------------------------------------------------------ interface
 
-    @torch.inference_mode()
+    def open_batch(self):
+        """A continuous batch on this engine (qatctl/engines/batch.py): sequences join with
+        add(), step() decodes one token for all of them; the server's scheduler drives one."""
+        from qatctl.engines.batch import DecodeBatch
+
+        return DecodeBatch(self)
+
+    def flush_cache(self) -> int:
+        """Drop the prefix cache (cached prompts' KV); returns how many prompts it held."""
+        return self.prefix_cache.flush()
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  on_token=None) -> list[Completion]:
-        """on_token(i, token_id, logprob), if given, is called as each token of prompt i is sampled
-        (the server streams with it)."""
+        """All prompts in one continuous batch. on_token(i, token_id, logprob), if given, is called
+        as each token of prompt i is sampled. Identical prompts (a GRPO group) are prefilled once."""
         params = params if isinstance(params, list) else [params] * len(prompts)
-        B = len(prompts)
-        for i, p in enumerate(prompts):
-            if not p:
-                raise QatctlError(f"generate: prompt {i} is empty")
-            if len(p) + params[i].max_new_tokens > self.max_pos:
-                raise QatctlError(f"generate: prompt {i} ({len(p)} tokens) + max_new_tokens "
-                                  f"{params[i].max_new_tokens} exceeds the model's {self.max_pos} positions")
-        outs = [Completion(prompt_ids=list(p)) for p in prompts]
-        gens = [_generator(sp.seed) for sp in params]
-        cache = self._new_cache(B, max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params, strict=True)))
-        lengths = [len(p) for p in prompts]
-        last_h = self._prefill_shared(prompts, cache)
-        active = [b for b in range(B) if params[b].max_new_tokens > 0]
-        logits = self._logits(last_h).cpu()  # sampling runs on CPU with per-row CPU generators
-        while active:
-            next_tokens = []
-            for row, b in enumerate(active):
-                tok, lp = _sample(logits[row], params[b], gens[b])
-                o = outs[b]
-                o.output_ids.append(tok)
-                o.logprobs.append(lp)
-                next_tokens.append(tok)
-                if on_token is not None:
-                    on_token(b, tok, lp)
-            still = []
-            for b in active:
-                o, sp = outs[b], params[b]
-                if (not sp.ignore_eos and o.output_ids[-1] in self.eos_ids) or o.output_ids[-1] in sp.stop_token_ids:
-                    o.finish_reason = "stop"
-                elif sp.stop and _hit_stop(self.tokenizer, o, sp.stop):
-                    o.finish_reason = "stop"
-                elif len(o.output_ids) >= sp.max_new_tokens:
-                    o.finish_reason = "length"
-                else:
-                    still.append(b)
-            keep = [active.index(b) for b in still]
-            active = still
-            if not active:
-                break
-            tokens = torch.tensor([[next_tokens[i]] for i in keep], device=self.device)
-            pos = torch.tensor([[lengths[b]] for b in active], device=self.device)
-            h = self._forward(tokens, pos, cache, active, [lengths[b] for b in active])
-            for b in active:
-                lengths[b] += 1
-            logits = self._logits(h[:, -1]).cpu()
-        for o, sp in zip(outs, params, strict=True):
-            o.text = self.tokenizer.decode(o.output_ids, skip_special_tokens=True)
-            if sp.stop:
-                o.text = _cut_at_stop(o.text, sp.stop)
-        return outs
+        batch = self.open_batch()
+        seqs = []
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            cb = None if on_token is None else (lambda t, lp, i=i: on_token(i, t, lp))
+            try:
+                seqs.append(batch.add(p, sp, on_token=cb))
+            except QatctlError as e:
+                raise QatctlError(f"{e} (prompt {i})") from None
+        while batch.running:
+            batch.step()
+        return [s.completion for s in seqs]
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], completions: list[list[int]], with_argmax: bool = False):
@@ -524,6 +481,7 @@ class EmbeddedEngine:
             self.__dict__.update(old)
             raise QatctlError(f"update_weights: vocab/hidden {tuple(w.tensor('model.embed_tokens.weight').shape)} "
                               f"differs from the engine's {tuple(old['embed'].shape)}")
+        self.prefix_cache.flush()  # cached prompts' KV came from the old weights
 
     @property
     def vocab_size(self) -> int:
@@ -534,7 +492,8 @@ class EmbeddedEngine:
                 "vocab_size": self.vocab_size,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes,
                 "lm_head_bytes": self.lm_head.nbytes, "lm_head_kernel": self.lm_head.kernel, "threads": torch.get_num_threads(),
-                "device": str(self.device)}
+                "device": str(self.device), "prefix_cache_prompts": len(self.prefix_cache.entries),
+                "prefix_cache_bytes": self.prefix_cache.bytes}
 
 
 def _attend(q, k, v, cache, rows, start):
@@ -569,37 +528,3 @@ def _prefix_causal(T, start, device):
     m = torch.ones(T, start + T, dtype=torch.bool, device=device)
     m[:, start:] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     return m
-
-
-def _generator(seed):
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else torch.randint(0, 2**62, ()).item())
-    return g
-
-
-def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> tuple[int, float]:
-    logprobs = torch.log_softmax(logits, dim=-1)
-    if sp.temperature == 0:
-        tok = int(torch.argmax(logits))
-        return tok, float(logprobs[tok])
-    scaled = logits / sp.temperature
-    if sp.top_k:
-        kth = torch.topk(scaled, min(sp.top_k, scaled.numel())).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, -math.inf)
-    if sp.top_p < 1:
-        sorted_l, idx = torch.sort(scaled, descending=True)
-        cum = torch.softmax(sorted_l, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_l, -1) >= sp.top_p  # keep the smallest prefix reaching top_p
-        scaled = scaled.scatter(0, idx, sorted_l.masked_fill(drop, -math.inf))
-    tok = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=gen))
-    return tok, float(logprobs[tok])
-
-
-def _hit_stop(tokenizer, o: Completion, stops) -> bool:
-    tail = tokenizer.decode(o.output_ids[-16:], skip_special_tokens=True)
-    return any(s in tail for s in stops)
-
-
-def _cut_at_stop(text: str, stops) -> str:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
