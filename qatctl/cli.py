@@ -325,8 +325,7 @@ def serve(
     backend: Annotated[str, typer.Option(help="embedded (int4 kernel, this process) or sglang (GPU).")] = S.backend,
     weights: Annotated[str, typer.Option(help="embedded: int4, or fp32/bf16 dense baselines.")] = S.weights,
     device: Annotated[str, typer.Option(help="embedded: auto (CUDA when present), cpu or cuda.")] = S.device,
-    max_batch: Annotated[int, typer.Option(help="Requests per decode batch.")] = S.max_batch,
-    batch_wait_ms: Annotated[float, typer.Option(help="How long to gather requests after the first.")] = S.batch_wait_ms,
+    max_batch: Annotated[int, typer.Option(help="Requests running at once (continuous batching); more wait.")] = S.max_batch,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads for the engine.")] = S.threads,
     model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models.")] = S.model_name,
 ):
@@ -335,7 +334,7 @@ def serve(
     from stages import serve as stage
 
     config = ServeConfig(ckpt=ckpt, host=host, port=port, api_key=api_key, backend=backend, weights=weights,
-                         device=device, max_batch=max_batch, batch_wait_ms=batch_wait_ms, threads=threads, model_name=model_name,
+                         device=device, max_batch=max_batch, threads=threads, model_name=model_name,
                          sglang_args=tuple(ctx.args))
     _run(stage.run, config)
 

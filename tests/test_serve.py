@@ -114,7 +114,7 @@ def test_openai_routes_and_streaming(server):
         events = [ln[len("data: "):] for ln in s.iter_lines() if ln.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -134,7 +134,17 @@ def test_openai_routes_and_streaming(server):
     ("/generate", {"input_ids": [1, 999999]}),
     ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": "lots"}}),
     ("/v1/completions", {"prompt": 3}),
-    ("/v1/completions", {"prompt": "a", "n": 2}),
+    ("/v1/completions", {"prompt": "a", "suffix": "x"}),
+    ("/v1/completions", {"prompt": "a", "n": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
+    ("/generate", {"text": "a", "sampling_params": {"regex": "[0-9]+"}}),
+    ("/generate", b'{"text": "a", "sampling_params": {"frequency_penalty": NaN}}'),
+    ("/v1/completions", b'{"prompt": "a", "temperature": Infinity}'),
+    ("/generate", {"text": "a", "no_such_field": 1}),
+    ("/generate", {"text": "a", "sampling_params": {"min_new_tokens": 9, "max_new_tokens": 4}}),
+    ("/update_weights_from_disk", {"model_path": "x", "flush_cache": False}),
+    ("/pause_generation", {"mode": "sideways"}),
     ("/v1/chat/completions", {"messages": "hi"}),
     ("/update_weights_from_disk", {}),
 ])
@@ -147,17 +157,15 @@ def test_bad_bodies_get_400_and_the_server_keeps_serving(server, route, body):
 
 
 @pytest.mark.parametrize("body, name", [
-    ({"text": "a", "sampling_params": {"n": 4}}, "sampling_params.n=4"),
-    ({"text": "a", "sampling_params": {"min_new_tokens": 3}}, "sampling_params.min_new_tokens=3"),
-    ({"text": "a", "sampling_params": {"frequency_penalty": 0.5}}, "sampling_params.frequency_penalty"),
-    ({"text": "a", "sampling_params": {"presence_penalty": 0.5}}, "sampling_params.presence_penalty"),
-    ({"text": "a", "sampling_params": {"repetition_penalty": 1.2}}, "sampling_params.repetition_penalty"),
-    ({"text": "a", "sampling_params": {"logit_bias": {"5": 10.0}}}, "sampling_params.logit_bias"),
-    ({"text": "a", "sampling_params": {"no_stop_trim": True}}, "sampling_params.no_stop_trim"),
     ({"text": "a", "sampling_params": {"regex": "a+"}}, "sampling_params.regex"),
+    ({"text": "a", "sampling_params": {"min_p": 0.1}}, "sampling_params.min_p=0.1"),
+    ({"text": "a", "sampling_params": {"json_schema": "{}"}}, "sampling_params.json_schema"),
+    ({"text": "a", "sampling_params": {"stream_interval": 4}}, "sampling_params.stream_interval=4"),
     ({"text": "a", "sampling_params": {"temprature": 0.5}}, "sampling_params.temprature is not a known parameter"),
-    ({"text": "a", "top_logprobs_num": 5}, "top_logprobs_num=5"),
-    ({"text": "a", "return_text_in_logprobs": True}, "return_text_in_logprobs=True"),
+    ({"text": "a", "return_hidden_states": True}, "return_hidden_states=True"),
+    ({"text": "a", "lora_path": "adapter"}, "lora_path='adapter'"),
+    ({"text": "a", "image_data": "x.png"}, "image_data='x.png'"),
+    ({"text": "a", "sampling_params": {"n": 65}}, "sampling_params.n"),
 ])
 def test_unsupported_sglang_parameters_are_400_naming_them(server, body, name):
     r = post(server, "/generate", body)
@@ -173,6 +181,132 @@ def test_neutral_values_rid_and_weight_version(server):
     assert [x["meta_info"]["id"] for x in r.json()] == ["r-a", "r-b"]
     assert all(x["meta_info"]["weight_version"] == "default" for x in r.json())
     assert httpx.get(server.url + "/get_weight_version").json() == {"weight_version": "default"}
+
+
+def gen(server, body):
+    r = post(server, "/generate", body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_n_samples_share_the_prefill_and_equal_separate_requests(server):
+    body = {"input_ids": [9, 10, 11, 12], "sampling_params": {"n": 3, "temperature": 1.0, "sampling_seed": 40,
+                                                              "max_new_tokens": 6}, "rid": "grp"}
+    outs = gen(server, body)
+    assert len(outs) == 3 and [o["meta_info"]["id"] for o in outs] == ["grp_0", "grp_1", "grp_2"]
+    assert max(o["meta_info"]["cached_tokens"] for o in outs) == 4  # one prefill, two copies
+    for j, o in enumerate(outs):  # sample j is the request with seed 40 + j
+        one = gen(server, {"input_ids": [9, 10, 11, 12], "sampling_params": {"temperature": 1.0, "max_new_tokens": 6,
+                                                                             "sampling_seed": 40 + j}})
+        assert one["output_ids"] == o["output_ids"]
+    assert gen(server, {"input_ids": [9, 10, 11, 12], "sampling_params": {"max_new_tokens": 1}}
+               )["meta_info"]["cached_tokens"] == 4  # the prefix cache holds across requests
+    assert httpx.post(server.url + "/flush_cache").status_code == 200
+    assert gen(server, {"input_ids": [9, 10, 11, 12], "sampling_params": {"max_new_tokens": 1}}
+               )["meta_info"]["cached_tokens"] == 0
+
+
+def test_sglang_sampling_semantics(server):
+    base = {"input_ids": [20, 21, 22], "return_logprob": True}
+    free = gen(server, {**base, "sampling_params": {"temperature": 1.0, "sampling_seed": 7, "max_new_tokens": 8, "ignore_eos": True}})
+    ids = free["output_ids"]
+    # min_new_tokens: a stop token cannot end it early
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    stop = ids[k]
+    early = gen(server, {**base, "sampling_params": {"temperature": 1.0, "sampling_seed": 7, "max_new_tokens": 8, "stop_token_ids": [stop]}})
+    assert early["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop} and len(early["output_ids"]) == k + 1
+    held = gen(server, {**base, "sampling_params": {"temperature": 1.0, "sampling_seed": 7, "max_new_tokens": 8, "stop_token_ids": [stop],
+                                                    "min_new_tokens": 8, "ignore_eos": True}})
+    assert len(held["output_ids"]) == 8 and stop not in held["output_ids"]
+    # no_stop_trim keeps the stop token's text; the default trims it (text and ids then differ by it)
+    kept = gen(server, {**base, "sampling_params": {"temperature": 1.0, "sampling_seed": 7, "max_new_tokens": 8, "stop_token_ids": [stop],
+                                                    "no_stop_trim": True, "skip_special_tokens": False}})
+    trimmed = gen(server, {**base, "sampling_params": {"temperature": 1.0, "sampling_seed": 7, "max_new_tokens": 8, "stop_token_ids": [stop],
+                                                       "skip_special_tokens": False}})
+    assert kept["output_ids"] == trimmed["output_ids"] == ids[:k + 1]
+    assert kept["text"].startswith(trimmed["text"]) and len(kept["text"]) > len(trimmed["text"])
+    # logit_bias forces a token; penalties move the choice; logprobs stay the model's own
+    forced = gen(server, {**base, "sampling_params": {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True,
+                                                      "logit_bias": {"42": 100.0}}})
+    assert forced["output_ids"] == [42, 42, 42]
+    rep = gen(server, {**base, "sampling_params": {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True,
+                                                   "logit_bias": {"42": 100.0}, "frequency_penalty": 2.0,
+                                                   "repetition_penalty": 2.0}})
+    assert rep["output_ids"][0] == 42
+    # top_logprobs_num with text: the sampled greedy token is the top entry at each step
+    top = gen(server, {**base, "top_logprobs_num": 3, "return_text_in_logprobs": True, "logprob_start_len": 0,
+                       "sampling_params": {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}})
+    meta = top["meta_info"]
+    assert len(meta["output_top_logprobs"]) == 4 and all(len(t) == 3 for t in meta["output_top_logprobs"])
+    for (lp, tok, text), tops in zip(meta["output_token_logprobs"], meta["output_top_logprobs"], strict=True):
+        assert tops[0][1] == tok and tops[0][0] == lp and isinstance(text, str)
+    assert meta["input_token_logprobs"][0][0] is None and len(meta["input_token_logprobs"]) == 3
+    assert meta["input_top_logprobs"][0] is None and len(meta["input_top_logprobs"][1]) == 3
+
+
+def test_stop_string_matched_and_no_stop_trim(server):
+    free = gen(server, {"text": "hello", "sampling_params": {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}})
+    text = free["text"]
+    stop = next((text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].isprintable()), None)
+    if stop is None:
+        pytest.skip("the tiny model's greedy text has no printable stop string to cut at")
+    cut = gen(server, {"text": "hello", "sampling_params": {"temperature": 0, "max_new_tokens": 12, "stop": stop}})
+    assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert stop not in cut["text"] and text.startswith(cut["text"])
+    kept = gen(server, {"text": "hello", "sampling_params": {"temperature": 0, "max_new_tokens": 12, "stop": stop,
+                                                             "no_stop_trim": True}})
+    assert stop in kept["text"] and kept["output_ids"] == cut["output_ids"]
+
+
+def test_control_routes(tiny_pairs):
+    s = Served(tiny_pairs["tiny-llama"][1], "--max-batch", "4")
+    try:
+        assert httpx.get(s.url + "/health_generate", timeout=30).status_code == 200
+        info = httpx.get(s.url + "/get_server_info").json()
+        assert info["max_running_requests"] == 4 and info["internal_states"][0]["running"] == 0
+        assert httpx.get(s.url + "/server_info").json()["weight_version"] == "default"
+        assert httpx.get(s.url + "/flush_cache").status_code == 200
+        long = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 500, "ignore_eos": True}}
+
+        def state():
+            return httpx.get(s.url + "/get_server_info").json()["internal_states"][0]
+
+        def wait_for(cond):
+            deadline = time.time() + 30
+            while not cond(state()):
+                assert time.time() < deadline
+                time.sleep(0.01)
+
+        with ThreadPoolExecutor(3) as pool:
+            assert post(s, "/pause_generation", {"mode": "in_place"}).json()["status"] == "ok"
+            futs = [pool.submit(post, s, "/generate", {**long, "rid": f"long-{i}"}) for i in range(2)]
+            wait_for(lambda st: st["waiting"] == 2 and st["paused"])
+            assert httpx.post(s.url + "/flush_cache").status_code == 400  # SGLang: not while requests wait or run
+            assert post(s, "/abort_request", {"rid": "long-0"}).status_code == 200
+            first = futs[0].result(timeout=30).json()
+            assert first["meta_info"]["finish_reason"]["type"] == "abort" and first["output_ids"] == []
+            assert post(s, "/continue_generation", {}).json()["status"] == "ok"
+            wait_for(lambda st: st["running"] == 1)
+            assert post(s, "/pause_generation", {"mode": "in_place"}).status_code == 200
+            steps = state()["steps"]
+            time.sleep(0.3)
+            assert state()["steps"] == steps and not futs[1].done()  # paused in place: no decode steps
+            assert post(s, "/continue_generation", {}).status_code == 200
+            assert post(s, "/abort_request", {"abort_all": True}).status_code == 200
+            second = futs[1].result(timeout=60).json()
+            assert second["meta_info"]["finish_reason"]["type"] == "abort" and 0 < len(second["output_ids"]) < 500
+        # pause with the default mode aborts what runs; new requests wait until continue
+        fut = ThreadPoolExecutor(1).submit(post, s, "/generate", {**long, "rid": "late"})
+        wait_for(lambda st: st["running"] == 1)
+        assert post(s, "/pause_generation", {}).status_code == 200
+        assert fut.result(timeout=60).json()["meta_info"]["finish_reason"]["type"] == "abort"
+        waiting = ThreadPoolExecutor(1).submit(post, s, "/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 2}})
+        time.sleep(0.5)
+        assert not waiting.done()
+        assert post(s, "/continue_generation", {}).status_code == 200
+        assert waiting.result(timeout=60).status_code == 200
+    finally:
+        s.stop()
 
 
 def test_concurrent_clients_are_batched(server):

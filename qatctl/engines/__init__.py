@@ -26,6 +26,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, checked on the decoded completion
     seed: int | None = None  # same seed + same prompt -> same tokens, whatever the batch
     ignore_eos: bool = False
+    # SGLang's further sampling parameters. They shape which token is sampled; the logprobs
+    # reported stay those of the model's own distribution (see the module docstring).
+    min_new_tokens: int = 0  # EOS and stop ids masked, stop strings not checked, before this many
+    no_stop_trim: bool = False  # keep the matched stop string / stop token's text in `text`
+    skip_special_tokens: bool = True  # decode options for `text`
+    spaces_between_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    frequency_penalty: float = 0.0  # [-2, 2]: minus penalty x count of the token in the output so far
+    presence_penalty: float = 0.0  # [-2, 2]: minus penalty once the token is in the output
+    repetition_penalty: float = 1.0  # (0, 2]: CTRL's: logits of prompt and output tokens / p (if > 0) or x p
+    top_logprobs: int = 0  # [0, 20]: also return the N most likely tokens and logprobs at each step
 
     def __post_init__(self):
         from qatctl.checks import finite
@@ -41,6 +52,23 @@ class SamplingParams:
             raise QatctlError(f"sampling: top_k={self.top_k} must be >= 0")
         if self.max_new_tokens < 0:
             raise QatctlError(f"sampling: max_new_tokens={self.max_new_tokens} must be >= 0")
+        if not 0 <= self.min_new_tokens <= max(self.max_new_tokens, 0):
+            raise QatctlError(f"sampling: min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens]")
+        finite("sampling: frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        finite("sampling: presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        finite("sampling: repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True, hi=2.0)
+        for tok, bias in self.logit_bias:
+            finite(f"sampling: logit_bias[{tok}]", bias, lo=-100.0, hi=100.0)
+            if tok < 0:
+                raise QatctlError(f"sampling: logit_bias token id {tok} must be >= 0")
+        if not 0 <= self.top_logprobs <= 20:
+            raise QatctlError(f"sampling: top_logprobs={self.top_logprobs} must be in [0, 20]")
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything but temperature / top-k / top-p acts on the logits before sampling."""
+        return bool(self.logit_bias or self.frequency_penalty or self.presence_penalty
+                    or self.repetition_penalty != 1.0 or self.min_new_tokens)
 
 
 @dataclass
@@ -51,6 +79,7 @@ class Completion:
     finish_reason: str = "length"  # "stop" (EOS, stop id or stop string), "length" or "abort"
     text: str = ""
     matched: int | str | None = None  # what stopped it: the EOS/stop token id or the stop string
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, if asked
 
 
 @runtime_checkable

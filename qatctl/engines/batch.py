@@ -80,7 +80,7 @@ class Sequence:
     params: SamplingParams
     completion: Completion
     generator: torch.Generator
-    on_token: object = None  # on_token(token_id, logprob), called as each token is sampled
+    on_token: object = None  # on_token(token_id, logprob, top logprobs or None), as each token is sampled
     tag: object = None  # the caller's handle (the server's request)
     row: int = -1  # KV pool row while running
     length: int = 0  # tokens in this row's KV
@@ -172,10 +172,7 @@ class DecodeBatch:
             self.free.append(seq.row)
             seq.row = -1
         seq.logits = None
-        o, sp, tok = seq.completion, seq.params, self.engine.tokenizer
-        o.text = tok.decode(o.output_ids, skip_special_tokens=True)
-        if sp.stop:
-            o.text = _cut_at_stop(o.text, sp.stop)
+        seq.completion.text = completion_text(self.engine.tokenizer, seq.completion, seq.params)
 
     # -------------------------------------------------------------- one decode step
     @torch.inference_mode()
@@ -185,13 +182,18 @@ class DecodeBatch:
         eng = self.engine
         finished, still = [], []
         for seq in self.running:
-            tok, lp = _sample(seq.logits, seq.params, seq.generator)
             o, sp = seq.completion, seq.params
+            tok, lp = _sample(seq.logits, sp, seq.generator, seq, eng.eos_ids)
+            if sp.top_logprobs:
+                top = torch.log_softmax(seq.logits, dim=-1).topk(sp.top_logprobs)
+                o.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
             o.output_ids.append(tok)
             o.logprobs.append(lp)
             if seq.on_token is not None:
-                seq.on_token(tok, lp)
-            if (not sp.ignore_eos and tok in eng.eos_ids) or tok in sp.stop_token_ids:
+                seq.on_token(tok, lp, o.top_logprobs[-1] if sp.top_logprobs else None)
+            if len(o.output_ids) < sp.min_new_tokens:
+                still.append(seq)
+            elif (not sp.ignore_eos and tok in eng.eos_ids) or tok in sp.stop_token_ids:
                 o.matched = tok
                 self._finish(seq, "stop")
                 finished.append(seq)
@@ -222,8 +224,12 @@ def _generator(seed):
     return g
 
 
-def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> tuple[int, float]:
+def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator, seq: Sequence | None = None,
+            eos_ids=()) -> tuple[int, float]:
+    """One token from `logits` (raw, fp32) under `sp`; returns it with its raw logprob."""
     logprobs = torch.log_softmax(logits, dim=-1)
+    if seq is not None and sp.shapes_logits:
+        logits = _shape(logits.clone(), sp, seq, eos_ids)
     if sp.temperature == 0:
         tok = int(torch.argmax(logits))
         return tok, float(logprobs[tok])
@@ -240,12 +246,45 @@ def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> t
     return tok, float(logprobs[tok])
 
 
+def _shape(logits: torch.Tensor, sp: SamplingParams, seq: Sequence, eos_ids) -> torch.Tensor:
+    """SGLang's/vLLM's logit processors, in their order: repetition penalty (prompt and output
+    tokens), frequency and presence penalties (output tokens), logit bias, min_new_tokens."""
+    out = seq.completion.output_ids
+    V = logits.numel()
+    if sp.repetition_penalty != 1.0:
+        ids = torch.tensor(sorted({t for t in seq.completion.prompt_ids + out if t < V}), dtype=torch.long)
+        if ids.numel():
+            v = logits[ids]
+            logits[ids] = torch.where(v > 0, v / sp.repetition_penalty, v * sp.repetition_penalty)
+    if out and (sp.frequency_penalty or sp.presence_penalty):
+        counts = torch.bincount(torch.tensor([t for t in out if t < V], dtype=torch.long), minlength=V)[:V].float()
+        logits -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).float()
+    for tok, bias in sp.logit_bias:
+        if tok < V:
+            logits[tok] += bias
+    if len(out) < sp.min_new_tokens:
+        banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(eos_ids))
+        for tok in banned:
+            if tok < V:
+                logits[tok] = -math.inf
+    return logits
+
+
 def _hit_stop(tokenizer, o: Completion, stops) -> str | None:
     """The stop string found in the decoded tail of the completion, if any."""
     tail = tokenizer.decode(o.output_ids[-16:], skip_special_tokens=True)
     return next((s for s in stops if s in tail), None)
 
 
-def _cut_at_stop(text: str, stops) -> str:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
+def completion_text(tokenizer, o: Completion, sp: SamplingParams) -> str:
+    """The completion's text as SGLang reports it: a matched stop token's text and everything
+    from a matched stop string on are trimmed, unless no_stop_trim."""
+    ids = o.output_ids
+    if isinstance(o.matched, int) and not sp.no_stop_trim:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens,
+                            spaces_between_special_tokens=sp.spaces_between_special_tokens)
+    if isinstance(o.matched, str) and not sp.no_stop_trim:
+        cut = text.find(o.matched)
+        text = text[:cut] if cut >= 0 else text
+    return text

@@ -434,7 +434,7 @@ class EmbeddedEngine:
         batch = self.open_batch()
         seqs = []
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-            cb = None if on_token is None else (lambda t, lp, i=i: on_token(i, t, lp))
+            cb = None if on_token is None else (lambda t, lp, _top, i=i: on_token(i, t, lp))
             try:
                 seqs.append(batch.add(p, sp, on_token=cb))
             except QatctlError as e:
@@ -463,6 +463,22 @@ class EmbeddedEngine:
             result.append(lp.tolist())
             tops.append(logits.argmax(-1).tolist())
         return (result, tops) if with_argmax else result
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: list[int], top_n: int = 0):
+        """(logprob of ids[i] given ids[:i], and its top-N [(id, logprob)] or None) for i >= 1: the
+        server's input_token_logprobs and OpenAI's echo."""
+        if len(ids) > self.max_pos:
+            raise QatctlError(f"prompt_logprobs: {len(ids)} tokens exceed the model's {self.max_pos} positions")
+        if len(ids) < 2:
+            return [], []
+        h = self._prefill(ids, self._new_cache(1, len(ids)), 0)
+        lp = torch.log_softmax(self._logits(h[:-1]), dim=-1)
+        got = lp.gather(-1, torch.tensor(ids[1:], device=self.device).unsqueeze(-1)).squeeze(-1).tolist()
+        if not top_n:
+            return got, [None] * len(got)
+        v, i = lp.topk(top_n, dim=-1)
+        return got, [list(zip(a, b, strict=True)) for a, b in zip(i.tolist(), v.tolist(), strict=True)]
 
     def update_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Swap in new weights from memory: {on-disk name: tensor}, exactly what the checkpoint's
