@@ -17,7 +17,15 @@ from qatctl.errors import QatctlError
 
 
 class BadRequest(Exception):
-    pass
+    """A 400 naming the bad field (`param`, as OpenAI's error object has it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class Overloaded(Exception):
+    """A 503: the server's request queue is full."""
 
 
 def _off(value, *neutral):
@@ -33,21 +41,35 @@ class _Strict(BaseModel):
     def refuse_unsupported(self, where: str = "") -> None:
         for name, neutral in self.OFF.items():
             if not _off(getattr(self, name), *neutral):
-                raise BadRequest(f"{where}{name}={getattr(self, name)!r} is not supported by qatctl serve")
+                raise BadRequest(f"{where}{name}={getattr(self, name)!r} is not supported by qatctl serve",
+                                 f"{where}{name}")
+
+
+def validation_message(err: dict) -> tuple[str, str]:
+    """(message, field) for one pydantic/FastAPI validation error: the field's dotted path first."""
+    # drop "body" and pydantic's union-branch tags (NativeSampling, list[int], str, ...): field names
+    # are lowercase identifiers or list indices
+    loc = [str(p) for p in err["loc"] if p != "body" and (isinstance(p, int) or (
+        p.isidentifier() and p.islower() and p not in ("str", "int", "float", "bool", "dict", "list")))]
+    field = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        return f"{field} is not a known parameter", field
+    if err["type"] == "json_invalid":
+        return f"invalid JSON body ({err.get('ctx', {}).get('error', err['msg'])})", "body"
+    if not field:
+        return f"the JSON body: {err['msg']}", "body"
+    return f"{field}: {err['msg']} (got {err.get('input')!r})", field
 
 
 def parse(model: type[BaseModel], body, where: str = ""):
     """body (a dict) -> model, or a BadRequest naming the first bad field."""
     if not isinstance(body, dict):
-        raise BadRequest(f"{where or 'the JSON body'} must be an object")
+        raise BadRequest(f"{where or 'the JSON body'} must be an object", where or "body")
     try:
         obj = model.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            raise BadRequest(f"{where}{loc} is not a known parameter") from None
-        raise BadRequest(f"{where}{loc}: {err['msg']} (got {err.get('input')!r})") from None
+        message, field = validation_message(e.errors()[0])
+        raise BadRequest(where + message, where + field) from None
     if isinstance(obj, _Strict):
         obj.refuse_unsupported(where)
     return obj
@@ -79,7 +101,7 @@ def _stops(stop) -> tuple[str, ...]:
 def _seeds(seed: int | None, n: int) -> list[int | None]:
     """Sample j of an n-sample request draws with seed + j, so the n samples differ and each is
     reproducible."""
-    return [None if seed is None else (seed + j) % 2**63 for j in range(n)]
+    return [None if seed is None else seed + j for j in range(n)]
 
 
 # ------------------------------------------------------------------ SGLang native
@@ -131,7 +153,7 @@ class NativeSampling(_Strict):
 class GenerateRequest(_Strict):
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: dict | list[dict] | None = None
+    sampling_params: NativeSampling | list[NativeSampling] | None = None
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = Field(0, ge=0, le=20)
@@ -157,6 +179,13 @@ class GenerateRequest(_Strict):
     @classmethod
     def _none_is_zero(cls, v):
         return 0 if v is None else v
+
+    def refuse_unsupported(self, where: str = "") -> None:
+        super().refuse_unsupported(where)
+        sps = self.sampling_params if isinstance(self.sampling_params, list) else [self.sampling_params]
+        for sp in sps:
+            if sp is not None:
+                sp.refuse_unsupported(where + "sampling_params.")
 
 
 class UpdateWeightsRequest(_Strict):

@@ -321,11 +321,16 @@ def serve(
     ckpt: Annotated[Path, typer.Argument(help="An int4-checkpoint folder.")],
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = S.host,
     port: Annotated[int, typer.Option(help="TCP port.")] = S.port,
-    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY'.")] = S.api_key,
+    api_key: Annotated[Optional[str], typer.Option(envvar="QATCTL_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' (prefer the env var or --api-key-file: a flag shows in ps).")] = S.api_key,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="Read the API key from this file's first line.")] = S.api_key_file,
     backend: Annotated[str, typer.Option(help="embedded (int4 kernel, this process) or sglang (GPU).")] = S.backend,
     weights: Annotated[str, typer.Option(help="embedded: int4, or fp32/bf16 dense baselines.")] = S.weights,
     device: Annotated[str, typer.Option(help="embedded: auto (CUDA when present), cpu or cuda.")] = S.device,
     max_batch: Annotated[int, typer.Option(help="Requests running at once (continuous batching); more wait.")] = S.max_batch,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting to join; beyond it 503.")] = S.max_queue,
+    max_prompts_per_request: Annotated[int, typer.Option(help="Prompts x n in one request.")] = S.max_prompts_per_request,
+    max_new_tokens_cap: Annotated[Optional[int], typer.Option(help="Largest max_new_tokens a request may ask (default: the context).")] = S.max_new_tokens_cap,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body; larger gets 413.")] = S.max_request_bytes,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads for the engine.")] = S.threads,
     model_name: Annotated[Optional[str], typer.Option(help="Model id reported by /v1/models.")] = S.model_name,
 ):
@@ -333,8 +338,10 @@ def serve(
     arguments after `--` go to sglang.launch_server with --backend sglang."""
     from stages import serve as stage
 
-    config = ServeConfig(ckpt=ckpt, host=host, port=port, api_key=api_key, backend=backend, weights=weights,
-                         device=device, max_batch=max_batch, threads=threads, model_name=model_name,
+    config = ServeConfig(ckpt=ckpt, host=host, port=port, api_key=api_key, api_key_file=api_key_file, backend=backend,
+                         weights=weights, device=device, max_batch=max_batch, max_queue=max_queue,
+                         max_prompts_per_request=max_prompts_per_request, max_new_tokens_cap=max_new_tokens_cap,
+                         max_request_bytes=max_request_bytes, threads=threads, model_name=model_name,
                          sglang_args=tuple(ctx.args))
     _run(stage.run, config)
 

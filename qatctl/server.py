@@ -16,6 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
+from fastapi import Request
+
 from qatctl.api import (
     AbortRequest,
     BadRequest,
@@ -23,9 +25,10 @@ from qatctl.api import (
     CompletionRequest,
     GenerateRequest,
     NativeSampling,
+    Overloaded,
     PauseRequest,
     UpdateWeightsRequest,
-    parse,
+    validation_message,
 )
 from qatctl.engines.scheduler import Scheduler
 from qatctl.errors import QatctlError
@@ -52,28 +55,53 @@ class Server:
         self.model_path = str(config.ckpt)
         self.weight_version = "default"  # SGLang's initial label; /update_weights_from_disk may set it
         self.model_name = config.model_name or Path(config.ckpt).name
-        self.scheduler = Scheduler(engine, config.max_batch)
+        self.scheduler = Scheduler(engine, config.max_batch, max_queue=config.max_queue)
         self.app = self._build()
 
     # ------------------------------------------------------------ helpers
-    def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenizer(text)["input_ids"]
+    async def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Off the event loop: a huge prompt must not stall /health and the other clients."""
+        tok = self.engine.tokenizer
+        return await asyncio.to_thread(lambda: [tok(t)["input_ids"] for t in texts])
 
     def piece(self, tok: int) -> str:
         return self.engine.tokenizer.decode([tok])
 
-    def check_ids(self, prompts: list[list[int]]) -> None:
-        vocab = self.engine.vocab_size
-        for p in prompts:
+    def check(self, prompts: list[list[int]], params: list, field: str = "prompt") -> None:
+        """Everything about a request that could fail it later, checked before any of it joins a
+        batch: a bad request fails alone with a 400 and its batch-mates never see it."""
+        c, vocab, ctx = self.config, self.engine.vocab_size, self.engine.max_pos
+        if len(prompts) * len(params) > c.max_prompts_per_request:
+            raise BadRequest(f"{len(prompts)} prompts x n={len(params)} exceeds --max-prompts-per-request "
+                             f"{c.max_prompts_per_request}", field)
+        for i, p in enumerate(prompts):
             if not p:
-                raise BadRequest("a prompt is empty")
-            if any(i < 0 or i >= vocab for i in p):
-                raise BadRequest(f"token id out of range [0, {vocab})")
+                raise BadRequest(f"prompt {i} is empty", field)
+            if any(t < 0 or t >= vocab for t in p):
+                raise BadRequest(f"prompt {i}: token id out of range [0, {vocab})", field)
+            for sp in params:
+                if c.max_new_tokens_cap is not None and sp.max_new_tokens > c.max_new_tokens_cap:
+                    raise BadRequest(f"max_new_tokens={sp.max_new_tokens} exceeds the server's --max-new-tokens-cap "
+                                     f"{c.max_new_tokens_cap}", "max_new_tokens")
+                if len(p) + sp.max_new_tokens > ctx:
+                    raise BadRequest(f"prompt {i} ({len(p)} tokens) + max_new_tokens {sp.max_new_tokens} exceeds the "
+                                     f"model's context of {ctx} tokens", "max_new_tokens")
+                if any(t >= vocab for t, _ in sp.logit_bias):
+                    raise BadRequest(f"logit_bias: a token id is out of range [0, {vocab})", "logit_bias")
 
-    async def complete(self, prompt_ids, params, rid=None, on_token=None):
+    async def complete(self, prompt_ids, params, rid=None, on_token=None, request: Request | None = None):
+        """One sequence's Result; if the client goes away first, its work is dropped at the next step."""
         fut = self.scheduler.submit(prompt_ids, params, on_token=on_token, rid=rid)
+        waiter = asyncio.wrap_future(fut)
+        while request is not None:
+            done, _ = await asyncio.wait({waiter}, timeout=0.5)
+            if done:
+                break
+            if await request.is_disconnected():
+                self.scheduler.cancel(fut)
+                break
         try:
-            return await asyncio.wrap_future(fut)
+            return await waiter
         except QatctlError as e:
             raise BadRequest(str(e)) from None
 
@@ -112,10 +140,12 @@ class Server:
 
     # ------------------------------------------------------------ the app
     def _build(self):
-        from fastapi import FastAPI, Request
+        from fastapi import FastAPI
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-        app = FastAPI(title="qatctl serve", docs_url=None, redoc_url=None)
+        app = FastAPI(title="qatctl serve", description="SGLang-native and OpenAI routes over the embedded INT4 engine",
+                      version=_version(), redoc_url=None)
         server = self
 
         @app.middleware("http")
@@ -130,22 +160,40 @@ class Server:
                                         status_code=401)
             return await call_next(request)
 
-        async def body_of(request: Request, empty_ok: bool = False) -> dict:
+        async def body_of(request: Request) -> dict:
+            """An optional JSON object body (the control routes take {} or nothing)."""
             raw = await request.body()
-            if empty_ok and not raw.strip():
+            if not raw.strip():
                 return {}
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(f"invalid JSON body ({e})") from None
+                raise BadRequest(f"invalid JSON body ({e})", "body") from None
             if not isinstance(body, dict):
-                raise BadRequest("the JSON body must be an object")
+                raise BadRequest("the JSON body must be an object", "body")
             return body
+
+        @app.middleware("http")
+        async def limit_size(request: Request, call_next):
+            size = request.headers.get("content-length")
+            limit = server.config.max_request_bytes
+            if size is not None and size.isdigit() and int(size) > limit:
+                return JSONResponse(_error(f"request body of {size} bytes exceeds --max-request-bytes {limit}",
+                                           "body", 413), status_code=413)
+            return await call_next(request)
 
         @app.exception_handler(BadRequest)
         async def bad_request(_request, exc):
-            return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error", "code": 400}},
-                                status_code=400)
+            return JSONResponse(_error(str(exc), exc.param, 400), status_code=400)
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid(_request, exc):
+            message, field = validation_message(exc.errors()[0])
+            return JSONResponse(_error(message, field, 400), status_code=400)
+
+        @app.exception_handler(Overloaded)
+        async def overloaded(_request, exc):
+            return JSONResponse(_error(str(exc), None, 503, "server_overloaded"), status_code=503)
 
         # -------------------------------------------------------- control
         @app.get("/health")
@@ -196,85 +244,95 @@ class Server:
             return Response("Flush cache failed: there are running or waiting requests.\n", status_code=400)
 
         @app.post("/abort_request")
-        async def abort_request(request: Request):
-            req = parse(AbortRequest, await body_of(request))
+        async def abort_request(req: AbortRequest):
+            req.refuse_unsupported()
             await asyncio.wrap_future(server.scheduler.abort(rid=req.rid or None, abort_all=req.abort_all))
             return Response(status_code=200)
 
         @app.post("/pause_generation")
         async def pause_generation(request: Request):
-            req = parse(PauseRequest, await body_of(request, empty_ok=True))
+            from qatctl.api import parse
+
+            req = parse(PauseRequest, await body_of(request))
             await asyncio.wrap_future(server.scheduler.pause(req.mode))
             return {"message": "Generation paused successfully.", "status": "ok"}
 
         @app.post("/continue_generation")
         async def continue_generation(request: Request):
-            await body_of(request, empty_ok=True)
+            await body_of(request)
             await asyncio.wrap_future(server.scheduler.resume())
             return {"message": "Generation continued successfully.", "status": "ok"}
 
         @app.post("/update_weights_from_disk")
-        async def update_weights(request: Request):
-            req = parse(UpdateWeightsRequest, await body_of(request))
+        async def update_weights(req: UpdateWeightsRequest):
+            req.refuse_unsupported()
             ok, message = await server.update_weights(req)
             return JSONResponse({"success": ok, "message": message, "num_paused_requests": 0},
                                 status_code=200 if ok else 400)
 
         # -------------------------------------------------------- generation
-        @app.post("/generate")
-        async def generate(request: Request):
-            req = parse(GenerateRequest, await body_of(request))
-            return await server.native(req, StreamingResponse)
+        @app.api_route("/generate", methods=["POST", "PUT"])
+        async def generate(req: GenerateRequest, request: Request):
+            req.refuse_unsupported()
+            return await server.native(req, request, StreamingResponse)
 
         @app.post("/v1/completions")
-        async def completions(request: Request):
-            req = parse(CompletionRequest, await body_of(request))
-            return await server.openai_completions(req, StreamingResponse)
+        async def completions(req: CompletionRequest, request: Request):
+            req.refuse_unsupported()
+            return await server.openai_completions(req, request, StreamingResponse)
 
         @app.post("/v1/chat/completions")
-        async def chat(request: Request):
-            req = parse(ChatRequest, await body_of(request))
-            return await server.openai_chat(req, StreamingResponse)
+        async def chat(req: ChatRequest, request: Request):
+            req.refuse_unsupported()
+            return await server.openai_chat(req, request, StreamingResponse)
 
         return app
 
     # ------------------------------------------------------------ SGLang native /generate
-    def _native_prompts(self, req: GenerateRequest) -> tuple[list[list[int]], bool]:
+    async def _native_prompts(self, req: GenerateRequest) -> tuple[list[list[int]], bool]:
         if (req.text is None) == (req.input_ids is None):
-            raise BadRequest("give exactly one of text or input_ids")
+            raise BadRequest("give exactly one of text or input_ids", "text")
         if req.text is not None:
             if isinstance(req.text, str):
-                return [self.tokenize(req.text)], False
+                return await self.tokenize([req.text]), False
             if not req.text:
-                raise BadRequest("text must be a string or a non-empty list of strings")
-            return [self.tokenize(t) for t in req.text], True
+                raise BadRequest("text must be a string or a non-empty list of strings", "text")
+            self._room(len(req.text))
+            return await self.tokenize(req.text), True
         ids = req.input_ids
         if ids and isinstance(ids[0], list):
             return ids, True
         return [ids], False
 
-    async def native(self, req: GenerateRequest, StreamingResponse):
-        prompts, batched = self._native_prompts(req)
-        self.check_ids(prompts)
-        sps = req.sampling_params if isinstance(req.sampling_params, list) else [req.sampling_params or {}] * len(prompts)
+    def _room(self, k: int) -> None:
+        if k > self.config.max_prompts_per_request:
+            raise BadRequest(f"{k} prompts exceed --max-prompts-per-request {self.config.max_prompts_per_request}",
+                             "prompt")
+        if not self.scheduler.has_room(k):
+            raise Overloaded(f"the request queue is full (--max-queue {self.config.max_queue}); retry later")
+
+    async def native(self, req: GenerateRequest, request, StreamingResponse):
+        prompts, batched = await self._native_prompts(req)
+        sps = req.sampling_params if isinstance(req.sampling_params, list) else [req.sampling_params] * len(prompts)
         if len(sps) != len(prompts):
-            raise BadRequest("sampling_params list length differs from the number of prompts")
+            raise BadRequest("sampling_params list length differs from the number of prompts", "sampling_params")
         top_n = req.top_logprobs_num if req.return_logprob else 0
-        samplings = [parse(NativeSampling, sp, "sampling_params.") for sp in sps]
-        params = [s.to_params(top_n) for s in samplings]
+        params = [(sp or NativeSampling()).to_params(top_n) for sp in sps]
+        for p, ps in zip(prompts, params, strict=True):
+            self.check([p], ps, "input_ids" if req.input_ids is not None else "text")
         rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(prompts)
         if len(rids) != len(prompts):
-            raise BadRequest("rid must be a string, or a list of strings with one per prompt")
-        n = {len(p) for p in params}
+            raise BadRequest("rid must be a string, or a list of strings with one per prompt", "rid")
+        self._room(sum(map(len, params)))
         if req.stream:
-            if batched or n != {1}:
-                raise BadRequest("stream supports one prompt with n=1 per request")
+            if batched or len(params[0]) != 1:
+                raise BadRequest("stream supports one prompt with n=1 per request", "stream")
             return StreamingResponse(self._native_stream(prompts[0], params[0][0], rids[0], req),
                                      media_type="text/event-stream")
         jobs = [(p, sp, rid if len(ps) == 1 or rid is None else f"{rid}_{j}", rid)
                 for p, ps, rid in zip(prompts, params, rids, strict=True) for j, sp in enumerate(ps)]
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(self.complete(p, sp, rid=group) for p, sp, _, group in jobs))
+        results = await asyncio.gather(*(self.complete(p, sp, rid=group, request=request) for p, sp, _, group in jobs))
         out = []
         for (p, _sp, rid, _), res in zip(jobs, results, strict=True):
             out.append(await self._native_result(p, res.completion, res.cached_tokens, rid, req,
@@ -309,15 +367,19 @@ class Server:
     async def _native_stream(self, ids, params, rid, req):
         """SGLang's native stream: each event carries the text and ids so far (not deltas)."""
         t0 = time.perf_counter()
-        async for kind, item in self._tokens(ids, params, rid):
-            if kind == "token":
-                continue
-            if kind == "text":
-                yield f"data: {json.dumps({'text': item, 'meta_info': {'id': rid, 'finish_reason': None}})}\n\n"
-            else:
-                res = await self._native_result(ids, item.completion, item.cached_tokens, rid, req,
-                                                time.perf_counter() - t0)
-                yield f"data: {json.dumps(res)}\n\n"
+        try:
+            async for kind, item in self._tokens(ids, params, rid):
+                if kind == "token":
+                    continue
+                if kind == "text":
+                    yield f"data: {json.dumps({'text': item, 'meta_info': {'id': rid, 'finish_reason': None}})}\n\n"
+                else:
+                    res = await self._native_result(ids, item.completion, item.cached_tokens, rid, req,
+                                                    time.perf_counter() - t0)
+                    yield f"data: {json.dumps(res)}\n\n"
+        except Exception as e:  # noqa: BLE001 - SGLang's shape: an error event, then the stream ends
+            log.warning("stream failed: %s", e)
+            yield f"data: {json.dumps(_error(str(e), None, 400 if isinstance(e, BadRequest) else 500))}\n\n"
         yield "data: [DONE]\n\n"
 
     async def _tokens(self, ids, params, rid=None):
@@ -377,29 +439,31 @@ class Server:
             {"token": self.piece(i), "logprob": v, "bytes": list(self.piece(i).encode())} for i, v in top]
         return entry
 
-    async def openai_completions(self, req: CompletionRequest, StreamingResponse):
+    async def openai_completions(self, req: CompletionRequest, request, StreamingResponse):
         p = req.prompt
         if isinstance(p, str):
-            prompts = [self.tokenize(p)]
+            prompts = await self.tokenize([p])
         elif p and isinstance(p[0], int):
             prompts = [p]
         elif p and isinstance(p[0], str):
-            prompts = [self.tokenize(x) for x in p]
+            self._room(len(p))
+            prompts = await self.tokenize(p)
         elif p and isinstance(p[0], list):
             prompts = p
         else:
-            raise BadRequest("prompt must be a string, a list of strings, or token-id list(s)")
-        self.check_ids(prompts)
+            raise BadRequest("prompt must be a string, a list of strings, or token-id list(s)", "prompt")
         max_new = 16 if req.max_tokens is None else req.max_tokens
         top_n = req.logprobs or 0
         params = req.to_params(max_new, top_n)
+        self.check(prompts, params)
+        self._room(len(prompts) * len(params))
         if req.echo and req.stream:
-            raise BadRequest("echo is not supported with stream")
+            raise BadRequest("echo is not supported with stream", "echo")
         jobs = [(i * req.n + j, ids, sp) for i, ids in enumerate(prompts) for j, sp in enumerate(params)]
         if req.stream:
             return StreamingResponse(self._openai_stream(jobs, req, chat=False, prompt_tokens=sum(map(len, prompts))),
                                      media_type="text/event-stream")
-        results = await asyncio.gather(*(self.complete(ids, sp) for _, ids, sp in jobs))
+        results = await asyncio.gather(*(self.complete(ids, sp, request=request) for _, ids, sp in jobs))
         prompt_lp = {}
         if req.echo and req.logprobs is not None:
             for i, ids in enumerate(prompts):
@@ -414,21 +478,23 @@ class Server:
             choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": o.finish_reason})
         return self._openai_body("text_completion", choices, prompts, results)
 
-    async def openai_chat(self, req: ChatRequest, StreamingResponse):
+    async def openai_chat(self, req: ChatRequest, request, StreamingResponse):
         from qatctl.data import chat_prompt_ids
 
         if req.top_logprobs and not req.logprobs:
-            raise BadRequest("top_logprobs needs logprobs: true")
-        ids = chat_prompt_ids(self.engine.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
-        self.check_ids([ids])
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = await asyncio.to_thread(chat_prompt_ids, self.engine.tokenizer, messages)
         max_new = next((v for v in (req.max_completion_tokens, req.max_tokens) if v is not None), 128)
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
         params = req.to_params(max_new, top_n)
+        self.check([ids], params, "messages")
+        self._room(len(params))
         jobs = [(j, ids, sp) for j, sp in enumerate(params)]
         if req.stream:
             return StreamingResponse(self._openai_stream(jobs, req, chat=True, prompt_tokens=len(ids)),
                                      media_type="text/event-stream")
-        results = await asyncio.gather(*(self.complete(ids, sp) for _, ids, sp in jobs))
+        results = await asyncio.gather(*(self.complete(ids, sp, request=request) for _, ids, sp in jobs))
         choices = [{"index": j, "message": {"role": "assistant", "content": res.completion.text},
                     "logprobs": self._choice_logprobs(res.completion, ids, False, top_n, chat=True) if req.logprobs else None,
                     "finish_reason": res.completion.finish_reason}
@@ -465,8 +531,9 @@ class Server:
                     await q.put((index, kind, item, sent))
                     if kind == "text":
                         sent = item
-            except Exception as e:  # noqa: BLE001 - reported in the stream
+            except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
                 await q.put((index, "error", str(e), ""))
+                return
             await q.put((index, "end", None, ""))
 
         tasks = [asyncio.create_task(run(*job)) for job in jobs]
@@ -482,8 +549,8 @@ class Server:
                     open_ -= 1
                     continue
                 if kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': item}})}\n\n"
-                    continue
+                    yield f"data: {json.dumps(_error(item, None, 400))}\n\n"
+                    break
                 if kind == "token":
                     if want_lp:
                         pending_lp[index].append(item)
@@ -521,6 +588,11 @@ class Server:
         finally:
             for t in tasks:
                 t.cancel()
+
+
+def _error(message: str, param: str | None, code: int, kind: str = "invalid_request_error") -> dict:
+    """OpenAI's error object (SGLang and vLLM use it on every route)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _version() -> str:

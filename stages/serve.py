@@ -36,7 +36,12 @@ class ServeConfig:
     backend: str = "embedded"  # embedded (this process, CPU int4 kernel) or sglang (GPU)
     weights: str = "int4"  # embedded: int4 (4-bit kernel) or fp32 / bf16 dense baselines
     device: str = "auto"  # embedded: auto (CUDA when present), cpu or cuda
+    api_key_file: Path | None = None  # the key read from a file (first line), kept out of `ps`
     max_batch: int = 32  # requests running at once (continuous batching); more wait in a queue
+    max_queue: int = 4096  # requests waiting to join; beyond it a request gets 503
+    max_prompts_per_request: int = 1024  # prompts x n in one request
+    max_new_tokens_cap: int | None = None  # per-request max_new_tokens limit (default: the model's context)
+    max_request_bytes: int = 16 * 2**20  # larger bodies get 413 before they are parsed
     threads: int | None = None  # torch threads for the engine (default: torch's)
     model_name: str | None = None  # the id /v1/models reports (default: the folder name)
     sglang_args: tuple[str, ...] = ()  # extra flags passed to sglang.launch_server
@@ -50,7 +55,9 @@ def sglang_command(config: ServeConfig, python: str = "python") -> list[str]:
            "--port", str(config.port), "--quantization", "compressed-tensors", "--dtype", "bfloat16",
            "--served-model-name", config.model_name or Path(config.ckpt).name]
     if config.api_key:
-        cmd += ["--api-key", config.api_key]
+        cmd += ["--api-key", config.api_key]  # SGLang takes the key only as a flag
+    if config.max_batch != ServeConfig.max_batch:
+        cmd += ["--max-running-requests", str(config.max_batch)]
     return cmd + list(config.sglang_args)
 
 
@@ -112,14 +119,59 @@ def _validate(config: ServeConfig) -> None:
         raise QatctlError(f"--device {config.device!r}: expected auto, cpu or cuda")
     if not 0 < config.port < 65536:
         raise QatctlError(f"--port {config.port}: expected 1-65535")
-    if config.max_batch < 1:
-        raise QatctlError(f"--max-batch {config.max_batch}: must be >= 1")
+    for flag, value in (("--max-batch", config.max_batch), ("--max-queue", config.max_queue),
+                        ("--max-prompts-per-request", config.max_prompts_per_request),
+                        ("--max-request-bytes", config.max_request_bytes)):
+        if value < 1:
+            raise QatctlError(f"{flag} {value}: must be >= 1")
+    if config.max_new_tokens_cap is not None and config.max_new_tokens_cap < 1:
+        raise QatctlError(f"--max-new-tokens-cap {config.max_new_tokens_cap}: must be >= 1")
+    if config.backend == "sglang":
+        for flag, name in (("--max-queue", "max_queue"), ("--max-prompts-per-request", "max_prompts_per_request"),
+                           ("--max-new-tokens-cap", "max_new_tokens_cap"), ("--max-request-bytes", "max_request_bytes"),
+                           ("--threads", "threads")):
+            if getattr(config, name) != getattr(ServeConfig, name):
+                raise QatctlError(f"{flag}: applies to the embedded backend only, not to --backend sglang")
+    if config.api_key is not None and config.api_key_file is not None:
+        raise QatctlError("--api-key and --api-key-file: give one")
+
+
+def _api_key(config: ServeConfig) -> ServeConfig:
+    """The key from --api-key-file, read before anything loads."""
+    import dataclasses
+
+    if config.api_key_file is None:
+        return config
+    try:
+        key = config.api_key_file.read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise QatctlError(f"--api-key-file {config.api_key_file}: cannot read it ({e})") from None
+    if not key or not key[0].strip():
+        raise QatctlError(f"--api-key-file {config.api_key_file}: the file is empty")
+    return dataclasses.replace(config, api_key=key[0].strip(), api_key_file=None)
+
+
+def _claim_port(config: ServeConfig):
+    """Bind the port now, before the model loads: a port in use is an error in a second, not
+    after the load. The socket is handed to uvicorn."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as e:
+        sock.close()
+        raise QatctlError(f"--host {config.host} --port {config.port}: cannot listen there ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def run(config: ServeConfig) -> dict:
     from qatctl.artifacts import read_artifact
 
     _validate(config)
+    config = _api_key(config)
     kinds = "int4-checkpoint" if config.weights == "int4" else ("int4-checkpoint", "qat-checkpoint")
     read_artifact(config.ckpt, kinds)
     if config.backend == "sglang":
@@ -132,6 +184,7 @@ def run(config: ServeConfig) -> dict:
     from qatctl.server import Server
     from qatctl.ui import console
 
+    sock = _claim_port(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     engine = load_engine(config.ckpt, weights=config.weights, device=config.device)
@@ -140,5 +193,5 @@ def run(config: ServeConfig) -> dict:
                   f"{engine.kernel} on {engine.device}, {torch.get_num_threads()} threads, up to {config.max_batch} requests "
                   "running (continuous batching)" + (", API key required" if config.api_key else ""))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uvicorn.run(server.app, host=config.host, port=config.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(server.app, log_level="warning")).run(sockets=[sock])
     return {"backend": "embedded", "stopped": True}

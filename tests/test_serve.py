@@ -149,7 +149,7 @@ def test_openai_routes_and_streaming(server):
     ("/update_weights_from_disk", {}),
 ])
 def test_bad_bodies_get_400_and_the_server_keeps_serving(server, route, body):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(server.url + route, timeout=30, **kw)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"]

@@ -42,10 +42,10 @@ class Result:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 32):
+    def __init__(self, engine, max_batch: int = 32, max_queue: int = 4096):
         if max_batch < 1:
             raise QatctlError(f"scheduler: max_batch={max_batch} must be >= 1")
-        self.engine, self.max_batch = engine, max_batch
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.batch = engine.open_batch()
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -66,6 +66,11 @@ class Scheduler:
             self._waiting.append(job)
             self._cv.notify()
         return job.future
+
+    def has_room(self, k: int) -> bool:
+        """Whether k more requests fit in the waiting queue (max_queue)."""
+        with self._cv:
+            return len(self._waiting) + k <= self.max_queue
 
     def call(self, fn) -> Future:
         """Run fn() on the worker thread between decode steps (even while paused)."""
