@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/convert.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/rl.py
 
 clean:

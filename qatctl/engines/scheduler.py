@@ -149,6 +149,11 @@ class Scheduler:
                 n += 1
         return n
 
+    def _free_slots(self) -> int:
+        """How many waiting requests may join now (bench/serve.py overrides it to measure the
+        run-to-completion scheduler this one replaced)."""
+        return self.max_batch - len(self._running)
+
     def _done(self, seq) -> None:
         job = self._running.pop(seq)
         job.future.set_result(Result(seq.completion, seq.cached_tokens))
@@ -162,7 +167,7 @@ class Scheduler:
                 calls, self._calls = self._calls, []
                 admit = []
                 if not self.paused and not self._swap:
-                    while self._waiting and len(self._running) + len(admit) < self.max_batch:
+                    while self._waiting and len(admit) < self._free_slots():
                         admit.append(self._waiting.popleft())
             for fn, fut in calls:
                 try:
