@@ -115,3 +115,80 @@ def test_lm_eval_local_completions(served, engine, tiny_pairs):
     stops = ("\n",) + ((eos,) if eos else ())
     ref = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=8, stop=stops, seed=1234))[0]
     assert gens[0] == ref.text
+
+
+TASKS = """
+task: qatctl_tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+---
+task: qatctl_tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_runs_tasks_from_a_jsonl_file(served, engine, tiny_pairs, tmp_path, monkeypatch):
+    """lm-eval's own evaluator, a generate_until task and a loglikelihood (multiple-choice) task
+    read from tests/data/lm_eval_tiny.jsonl, against the server; the choice scores are the
+    engine's own loglikelihoods."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    import json
+    from pathlib import Path
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    data = Path(__file__).parent / "data" / "lm_eval_tiny.jsonl"
+    for i, text in enumerate(TASKS.format(data=data).split("---")):
+        (tmp_path / f"task{i}.yaml").write_text(text)
+    args = (f"base_url={served.url}/v1/completions,model=tiny,tokenizer_backend=huggingface,"
+            f"tokenizer={tiny_pairs['tiny-llama'][1]},max_length=256,max_retries=1")
+    out = lm_eval.simple_evaluate(model="local-completions", model_args=args,
+                                  tasks=["qatctl_tiny_gen", "qatctl_tiny_choice"],
+                                  task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+                                  apply_chat_template=False)
+    assert out["results"]["qatctl_tiny_gen"]["exact_match,none"] >= 0  # ran end to end through generate_until
+    samples = out["samples"]["qatctl_tiny_choice"]
+    rows = [json.loads(ln) for ln in data.read_text().splitlines()]
+    assert len(samples) == len(rows)
+    compared = 0
+    for s in samples:
+        row = s["doc"]
+        ctx = engine.tokenizer(row["question"])["input_ids"]
+        for choice, (ll, _greedy) in zip(row["choices"], s["filtered_resps"], strict=True):
+            whole = engine.tokenizer(row["question"] + " " + choice)["input_ids"]
+            cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else None
+            if cont:
+                assert ll == pytest.approx(sum(engine.score([ctx], [cont])[0]), abs=1e-4)
+                compared += 1
+    assert compared >= len(rows)  # the tokenization split cleanly for most choices
+    gen = out["samples"]["qatctl_tiny_gen"]
+    ids = engine.tokenizer(gen[0]["doc"]["question"])["input_ids"]
+    ref = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=6, stop=("\n",)))[0]
+    assert gen[0]["resps"][0][0] == ref.text
