@@ -377,3 +377,59 @@ def test_sglang_launcher_command_and_missing_sglang(tiny_pairs, tmp_path):
     p = qatctl("serve", int4, "--backend", "sglang", check=False)
     assert_usage_error(p, "sglang is not installed")
     assert_usage_error(qatctl("serve", tiny_pairs["tiny-llama"][0], check=False), "expected a 'int4-checkpoint'")
+
+
+def test_weight_update_with_requests_in_flight(tiny_pairs, other_int4):
+    """SGLang's contract: running requests finish on the old weights, then the update lands
+    (or, with abort_all_requests, they end as aborted); the prefix cache is flushed."""
+    from qatctl.engines import SamplingParams, load_engine
+
+    old = load_engine(tiny_pairs["tiny-llama"][1])
+    body = {"input_ids": [5, 6, 7], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 400, "temperature": 1.0, "sampling_seed": 3, "ignore_eos": True}}
+    ref = old.generate([[5, 6, 7]], SamplingParams(max_new_tokens=400, temperature=1.0, seed=3, ignore_eos=True))[0]
+    s = Served(tiny_pairs["tiny-llama"][1])
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(post, s, "/generate", body)
+            while httpx.get(s.url + "/get_server_info").json()["internal_states"][0]["running"] < 1:
+                time.sleep(0.01)
+            r = post(s, "/update_weights_from_disk", {"model_path": str(other_int4), "weight_version": "v2"})
+            assert r.status_code == 200 and r.json()["success"]
+            out = running.result().json()
+        assert out["output_ids"] == ref.output_ids  # finished on the old weights
+        assert [x[0] for x in out["meta_info"]["output_token_logprobs"]] == ref.logprobs
+        assert out["meta_info"]["weight_version"] == "default"
+        after = post(s, "/generate", {**body, "sampling_params": {**body["sampling_params"], "max_new_tokens": 4}}).json()
+        assert after["meta_info"]["weight_version"] == "v2" and after["meta_info"]["cached_tokens"] == 0
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(post, s, "/generate", body)
+            while httpx.get(s.url + "/get_server_info").json()["internal_states"][0]["running"] < 1:
+                time.sleep(0.01)
+            r = post(s, "/update_weights_from_disk", {"model_path": str(tiny_pairs["tiny-llama"][1]),
+                                                      "abort_all_requests": True})
+            assert r.status_code == 200
+            assert running.result().json()["meta_info"]["finish_reason"]["type"] == "abort"
+    finally:
+        s.stop()
+
+
+def test_abort_mid_stream_and_openapi_schema(server):
+    body = {"input_ids": [5, 6], "rid": "streamed", "stream": True,
+            "sampling_params": {"max_new_tokens": 480, "ignore_eos": True}}
+    with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as s:
+        events = []
+        for line in s.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[len("data: "):])
+            if len(events) == 2:
+                assert post(server, "/abort_request", {"rid": "streamed"}).status_code == 200
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["meta_info"]["finish_reason"]["type"] == "abort" and len(last["output_ids"]) < 480
+    schema = httpx.get(server.url + "/openapi.json").json()
+    gen = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"text", "input_ids", "sampling_params", "return_logprob", "top_logprobs_num", "rid"} <= set(gen)
+    assert "ChatRequest" in schema["components"]["schemas"] and "/v1/completions" in schema["paths"]
+    assert httpx.get(server.url + "/docs").status_code == 200
