@@ -34,8 +34,6 @@ from qatctl import rl
 from qatctl.errors import QatctlError
 from qatctl.grpo_settings import GRPOSettings  # noqa: F401  (re-exported: the loop's settings)
 
-ROLLOUT_CHUNK = 64  # sequences per engine.generate call
-
 
 def rollout_seed(seed: int, iteration: int, slot: int, sample: int) -> int:
     """The sampling seed of one rollout: `slot` is the prompt's draw position in its iteration."""
@@ -140,10 +138,8 @@ class GRPOLoop:
         todo = [(slot, p, k) for slot, p in chosen for k in range(s.samples_per_prompt)]
         params = [SamplingParams(temperature=s.temperature, max_new_tokens=s.max_new_tokens,
                                  seed=rollout_seed(s.seed, self.iteration, slot, k)) for slot, _, k in todo]
-        outs = []
-        for i in range(0, len(todo), ROLLOUT_CHUNK):
-            outs += self.engine.generate([p.prompt_ids for _, p, _ in todo[i:i + ROLLOUT_CHUNK]],
-                                         params[i:i + ROLLOUT_CHUNK])
+        # one call: the engine's continuous batch lets short samples' rows go to waiting ones
+        outs = self.engine.generate([p.prompt_ids for _, p, _ in todo], params)
         return [{"iteration": self.iteration, "slot": slot, "prompt_index": p.index, "sample": k, "answer": p.answer,
                  "prompt_ids": o.prompt_ids, "output_ids": o.output_ids, "rollout_logprobs": o.logprobs,
                  "text": o.text, "finish_reason": o.finish_reason} for (slot, p, k), o in zip(todo, outs, strict=True)]

@@ -105,3 +105,32 @@ def test_stop_reports_what_matched(tiny_pairs):
     out = eng.generate([p], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=(stop_id,)))[0]
     assert out.finish_reason == "stop" and out.matched == stop_id
     assert free.matched is None and free.finish_reason == "length"
+
+
+def test_generate_bounds_running_rows_and_gives_the_same_tokens(tiny_pairs):
+    """generate() with more prompts than max_running: waiting prompts join as rows finish, and
+    every sequence equals its run alone."""
+    eng = load_engine(tiny_pairs["tiny-llama"][1])
+    prompts = [list(range(5 + i, 12 + 2 * i)) for i in range(7)]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=3 + 5 * (i % 3), seed=i) for i in range(7)]
+    eng.max_running = 3
+    seen = []
+    real = type(eng).open_batch
+
+    def spy(self):
+        batch = real(self)
+        step = batch.step
+
+        def counted():
+            seen.append(len(batch.running))
+            return step()
+        batch.step = counted
+        return batch
+    type(eng).open_batch, saved = spy, real
+    try:
+        outs = eng.generate(prompts, params)
+    finally:
+        type(eng).open_batch = saved
+    assert max(seen) == 3
+    for p, sp, o in zip(prompts, params, outs, strict=True):
+        assert same(o, alone(eng, p, sp))

@@ -244,6 +244,8 @@ class _Weights:
 
 
 class EmbeddedEngine:
+    max_running = 64  # sequences decoding at once in generate(); the server's scheduler has --max-batch
+
     def __init__(self, folder: Path, cfg: dict, w: _Weights, tokenizer, eos_ids: set[int]):
         self.folder, self.cfg, self.tokenizer, self.eos_ids = folder, cfg, tokenizer, eos_ids
         self.device = w.device
@@ -428,19 +430,27 @@ class EmbeddedEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  on_token=None) -> list[Completion]:
-        """All prompts in one continuous batch. on_token(i, token_id, logprob), if given, is called
-        as each token of prompt i is sampled. Identical prompts (a GRPO group) are prefilled once."""
+        """All prompts through one continuous batch: at most `max_running` decode at once, the rest
+        join as rows finish (a long completion never holds up the others). on_token(i, token_id,
+        logprob), if given, is called as each token of prompt i is sampled. Identical prompts (a
+        GRPO group) are prefilled once."""
         params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise QatctlError(f"generate: {len(params)} sampling params for {len(prompts)} prompts")
         batch = self.open_batch()
-        seqs = []
-        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-            cb = None if on_token is None else (lambda t, lp, _top, i=i: on_token(i, t, lp))
-            try:
-                seqs.append(batch.add(p, sp, on_token=cb))
-            except QatctlError as e:
-                raise QatctlError(f"{e} (prompt {i})") from None
-        while batch.running:
-            batch.step()
+        seqs: list = [None] * len(prompts)
+        waiting = list(range(len(prompts)))
+        waiting.reverse()
+        while waiting or batch.running:
+            while waiting and len(batch.running) < self.max_running:
+                i = waiting.pop()
+                cb = None if on_token is None else (lambda t, lp, _top, i=i: on_token(i, t, lp))
+                try:
+                    seqs[i] = batch.add(prompts[i], params[i], on_token=cb)
+                except QatctlError as e:
+                    raise QatctlError(f"{e} (prompt {i})") from None
+            if batch.running:
+                batch.step()
         return [s.completion for s in seqs]
 
     @torch.inference_mode()
