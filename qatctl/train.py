@@ -222,6 +222,9 @@ class DeepSpeedTrainer(Trainer):
         self.rank, self.world = dist_env()  # the base class set the single-process values
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config)
+        from qatctl.dscheckpoint import checkpoint_engine
+
+        self.engine.checkpoint_engine = checkpoint_engine()  # safetensors + JSON: no pickle is ever loaded
         self.model = self.engine.module
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.scale = gas * self.world
@@ -264,8 +267,9 @@ class DeepSpeedTrainer(Trainer):
         return self.model
 
     def save_state(self, folder: Path, meta: dict) -> None:
-        # Every rank writes its ZeRO partition in DeepSpeed's own checkpoint format; rank 0
-        # writes the RNG and state.json (qatctl/state.py) after all are done.
+        # Every rank writes its ZeRO partition through DeepSpeed's checkpoint code, stored as
+        # safetensors + JSON by qatctl/dscheckpoint.py; rank 0 writes the RNG and state.json
+        # (qatctl/state.py) after all are done.
         self.engine.save_checkpoint(str(folder), tag="ds", client_state={})
         self.barrier()
         if self.is_main:

@@ -190,6 +190,40 @@ def test_crafted_pickle_in_resume_state_is_never_loaded(inputs, tmp_path):
     assert state.read_json(folder / "state.json")["meta"] == {"step": 1}
 
 
+def test_deepspeed_state_is_safetensors_and_a_crafted_pickle_is_never_loaded(tmp_path):
+    """DeepSpeed's ZeRO checkpoints go through qatctl/dscheckpoint.py: its state dicts round-trip
+    through safetensors + JSON exactly, and a pickle put where DeepSpeed's file was is refused
+    with a one-line error naming --no-resume, never unpickled."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from qatctl import dscheckpoint
+    from qatctl.errors import QatctlError
+
+    scaler = LossScaler(scale=1.0)
+    sd = {"module": {"w": torch.randn(3, 4), "b": torch.arange(3)}, "zero_stage": ZeroStageEnum.weights,
+          "state": {0: {"exp_avg": torch.ones(2), "step": torch.tensor(3.0)}}, "shape": torch.Size([3, 4]),
+          "groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1], "eps": float("inf")}],
+          "dtype": torch.bfloat16, "loss_scaler": scaler, "ds_version": "0.19", "none": None}
+    path = str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    dscheckpoint.save(sd, path)
+    back = dscheckpoint.load(path, map_location=torch.device("cpu"))
+    assert torch.equal(back["module"]["w"], sd["module"]["w"]) and back["module"]["b"].dtype == torch.int64
+    assert back["zero_stage"] is ZeroStageEnum.weights and back["state"][0]["step"].item() == 3.0
+    assert back["groups"][0]["betas"] == (0.9, 0.95) and back["groups"][0]["eps"] == float("inf")
+    assert back["shape"] == torch.Size([3, 4]) and back["dtype"] is torch.bfloat16
+    assert isinstance(back["loss_scaler"], LossScaler) and back["loss_scaler"].cur_scale == 1.0
+    with pytest.raises(QatctlError, match="without pickle"):
+        dscheckpoint.save({"x": object()}, str(tmp_path / "bad.pt"))
+    marker = tmp_path / "marker"
+    Path(path).write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(QatctlError, match="--no-resume"):
+        dscheckpoint.load(path)
+    assert not marker.exists()
+
+
 def test_corrupt_newest_state_falls_back_then_names_no_resume(inputs, tmp_path, capsys):
     from qatctl import models, state
     from qatctl.errors import QatctlError
