@@ -8,6 +8,7 @@ same file can feed SFT and RL.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,3 +174,24 @@ def collate_completions(prompts: list[list[int]], completions: list[list[int]], 
         mask[i, :len(s)] = 1
         completion[i, len(p) - 1:len(s) - 1] = 1
     return ids, mask, completion
+
+
+def step_examples(n_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of the examples optimizer step `step` trains on.
+
+    The stream is one seeded permutation per epoch, concatenated; a step's examples depend on
+    (seed, step) only, so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n_examples)
+        out.append(_epoch_order(n_examples, seed, epoch)[pos])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_examples, generator=g).tolist()

@@ -132,14 +132,12 @@ class GRPOLoop:
                               "groups_surplus": drawn - dropped - len(groups)}
 
     def _rollout(self, chosen) -> list[dict]:
-        from qatctl.engines import SamplingParams
+        from qatctl.engines import sample
 
         s = self.s
         todo = [(slot, p, k) for slot, p in chosen for k in range(s.samples_per_prompt)]
-        params = [SamplingParams(temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                                 seed=rollout_seed(s.seed, self.iteration, slot, k)) for slot, _, k in todo]
-        # one call: the engine's continuous batch lets short samples' rows go to waiting ones
-        outs = self.engine.generate([p.prompt_ids for _, p, _ in todo], params)
+        outs = sample(self.engine, [(p.prompt_ids, rollout_seed(s.seed, self.iteration, slot, k)) for slot, p, k in todo],
+                      s.temperature, s.max_new_tokens)
         return [{"iteration": self.iteration, "slot": slot, "prompt_index": p.index, "sample": k, "answer": p.answer,
                  "prompt_ids": o.prompt_ids, "output_ids": o.output_ids, "rollout_logprobs": o.logprobs,
                  "text": o.text, "finish_reason": o.finish_reason} for (slot, p, k), o in zip(todo, outs, strict=True)]

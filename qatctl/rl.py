@@ -127,17 +127,14 @@ def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     return (per_token * mask).sum() / max(n, 1.0), int(was_clipped)
 
 
-def exact_match_accuracy(engine, prompts, reward=exact_number, max_new_tokens: int = 32, batch: int = 32) -> dict:
+def exact_match_accuracy(engine, prompts, reward=exact_number, max_new_tokens: int = 32) -> dict:
     """Greedy accuracy of an engine on prompts with answers: {accuracy, correct, total, samples}."""
-    from qatctl.engines import SamplingParams
+    from qatctl.engines import sample
 
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    outs = sample(engine, [(p.prompt_ids, None) for p in prompts], 0.0, max_new_tokens)
     correct, samples = 0, []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        outs = engine.generate([p.prompt_ids for p in chunk], params)
-        for p, o in zip(chunk, outs, strict=False):
-            ok = reward(o.text, p.answer)
-            correct += ok
-            samples.append({"index": p.index, "answer": p.answer, "completion": o.text, "reward": ok})
+    for p, o in zip(prompts, outs, strict=True):
+        ok = reward(o.text, p.answer)
+        correct += ok
+        samples.append({"index": p.index, "answer": p.answer, "completion": o.text, "reward": ok})
     return {"accuracy": correct / len(prompts), "correct": int(correct), "total": len(prompts), "samples": samples}

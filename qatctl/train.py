@@ -64,13 +64,10 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def device_and_dtype(device: str) -> tuple[torch.device, torch.dtype]:
     """CPU: fp32 masters and compute (BF16 matmul is far slower on AVX2). CUDA: BF16 masters."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QatctlError("--device cuda: no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise QatctlError(f"--device {device!r}: expected auto, cpu or cuda")
-    return torch.device(device), (torch.float32 if device == "cpu" else torch.bfloat16)
+    from qatctl.engines import resolve_device
+
+    dev = resolve_device(device)
+    return dev, (torch.float32 if dev.type == "cpu" else torch.bfloat16)
 
 
 def dist_env() -> tuple[int, int]:
@@ -337,3 +334,15 @@ def save_step(trainer: Trainer, root: Path, step: int, meta: dict, keep: int = 2
             shutil.rmtree(p, ignore_errors=True)
     trainer.barrier()
     return final
+
+
+def sft_loss(model, mb):
+    """Token cross-entropy on trained tokens, summed and divided by the step's trained-token count."""
+    import torch.nn.functional as F
+
+    ids, labels, mask, step_tokens = mb
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss / step_tokens, {"tokens": int(mask.sum())}

@@ -19,7 +19,6 @@ uninterrupted run on CPU.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -95,39 +94,6 @@ def _validate(c: TrainSftQatConfig) -> None:
         raise QatctlError(f"{c.deepspeed}: no such DeepSpeed config")
 
 
-def step_examples(n_examples: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """Indices of the examples optimizer step `step` trains on.
-
-    The stream is one seeded permutation per epoch, concatenated; a step's examples depend on
-    (seed, step) only, so a resumed run sees exactly the batches an uninterrupted one would.
-    """
-    out = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(i, n_examples)
-        out.append(_epoch_order(n_examples, seed, epoch)[pos])
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n_examples, generator=g).tolist()
-
-
-def sft_loss(model, mb):
-    """Token cross-entropy on trained tokens, summed and divided by the step's trained-token count."""
-    import torch.nn.functional as F
-
-    ids, labels, mask, step_tokens = mb
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    target = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss / step_tokens, {"tokens": int(mask.sum())}
-
-
 def run(config: TrainSftQatConfig) -> dict:
     _validate(config)
     src = read_artifact(config.ckpt, "qat-checkpoint")
@@ -148,7 +114,7 @@ def run(config: TrainSftQatConfig) -> dict:
     import torch
 
     from qatctl import models
-    from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer, save_step
+    from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer, save_step, sft_loss
 
     device, dtype = device_and_dtype(config.device)
     torch.manual_seed(config.seed)
@@ -167,7 +133,7 @@ def run(config: TrainSftQatConfig) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def batches(step: int):
-        chosen = [examples[i] for i in step_examples(len(examples), step, config.batch_size, config.seed)]
+        chosen = [examples[i] for i in data.step_examples(len(examples), step, config.batch_size, config.seed)]
         step_tokens = sum(sum(t != data.IGNORE for t in e.labels[1:]) for e in chosen)
         mbs = []
         for i in range(0, len(chosen), config.micro_batch):

@@ -74,8 +74,9 @@ def test_gate_exits_1_over_threshold_0_under(tiny_pairs, tmp_path):
 
 def test_scoring_rollouts_from_file_equals_generating(tiny_pairs, tmp_path):
     from qatctl import data
+    from qatctl.arms import generate, jobs
     from qatctl.engines import load_engine
-    from stages.eval_consistency import EvalConsistencyConfig, generate, jobs
+    from stages.eval_consistency import EvalConsistencyConfig
 
     ckpt, int4 = tiny_pairs["tiny-llama"]
     generated = run_json(ckpt, int4, *ARGS, "--out", tmp_path / "g", "--seed", "5")

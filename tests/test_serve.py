@@ -433,3 +433,13 @@ def test_abort_mid_stream_and_openapi_schema(server):
     assert {"text", "input_ids", "sampling_params", "return_logprob", "top_logprobs_num", "rid"} <= set(gen)
     assert "ChatRequest" in schema["components"]["schemas"] and "/v1/completions" in schema["paths"]
     assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_remote_score_argmax_equals_in_process(server, tiny_pairs):
+    from qatctl.engines import load_engine
+    from qatctl.engines.remote import RemoteEngine
+
+    local, remote = load_engine(tiny_pairs["tiny-llama"][1]), RemoteEngine(server.url)
+    prompts, completions = [[5, 6, 7], [9, 10]], [[11, 12, 13, 14], [15, 16]]
+    assert remote.score_argmax(prompts, completions) == local.score_argmax(prompts, completions)
+    assert remote.score(prompts, completions) == local.score(prompts, completions)

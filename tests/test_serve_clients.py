@@ -105,7 +105,7 @@ def test_lm_eval_local_completions(served, engine, tiny_pairs):
         c_ids, k_ids = lm._encode_pair(ctx, cont)
         ref = engine.score([c_ids], [k_ids])[0]
         assert ll == pytest.approx(sum(ref), abs=1e-5)
-        _, argmax = engine.score([c_ids], [k_ids], with_argmax=True)
+        _, argmax = engine.score_argmax([c_ids], [k_ids])
         assert greedy == (argmax[0] == k_ids)
     gens = lm.generate_until([Instance("generate_until", {}, ("hello", {"until": ["\n"], "max_gen_toks": 8,
                                                                          "temperature": 0}), 0)],

@@ -96,13 +96,41 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Completions with token ids, the logprob of each sampled token and the finish reason."""
 
-    def score(self, prompts: list[list[int]], completions: list[list[int]], with_argmax: bool = False):
-        """Per-token logprobs of each completion; with_argmax: (logprobs, argmax ids or None)."""
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """Per-token logprobs of each completion given its prompt."""
+
+    def score_argmax(self, prompts: list[list[int]], completions: list[list[int]]) -> tuple[list, list | None]:
+        """(score's logprobs, the greedy token at each position, or None where the engine cannot tell)."""
 
     def update_weights(self, tensors: dict) -> None:
         """Swap weights in memory from the shared converter's tensors (bit-identical to a reload)."""
 
     def info(self) -> dict: ...
+
+
+def sample(engine, jobs: list[tuple[list[int], int | None]], temperature: float, max_new_tokens: int,
+           **sampling) -> list[Completion]:
+    """The one seeded-generation helper: completion j is jobs[j]'s prompt sampled with jobs[j]'s
+    seed (None: unseeded), all in one generate call (the engine batches continuously, and its
+    batch invariance makes each completion depend on its prompt and seed only)."""
+    params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, **sampling)
+              for _, seed in jobs]
+    return engine.generate([list(p) for p, _ in jobs], params)
+
+
+def resolve_device(device: str):
+    """'auto' (CUDA when present), 'cpu' or 'cuda' -> a torch.device; an unavailable one is an error."""
+    import torch
+
+    from qatctl.errors import QatctlError
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QatctlError("--device cuda: no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise QatctlError(f"--device {device!r}: expected auto, cpu or cuda")
+    return torch.device(device)
 
 
 def connect(url: str, model_path=None, api_key: str | None = None, tokenizer=None):

@@ -326,9 +326,9 @@ class EmbeddedEngine:
             raise QatctlError(f"{folder}/config.json: model_type {(cfg or {}).get('model_type')!r} is not supported by the "
                               f"embedded engine ({', '.join(SUPPORTED)})")
         t0 = time.perf_counter()
-        from qatctl.train import device_and_dtype
+        from qatctl.engines import resolve_device
 
-        dev = device_and_dtype(device)[0]
+        dev = resolve_device(device)
         w = (_Weights.from_folder(folder, cfg, weights, dev) if tensors is None
              else _Weights.from_tensors(tensors, group_size, weights, dev))
         from qatctl.models import load_tokenizer
@@ -454,9 +454,13 @@ class EmbeddedEngine:
         return [s.completion for s in seqs]
 
     @torch.inference_mode()
-    def score(self, prompts: list[list[int]], completions: list[list[int]], with_argmax: bool = False):
-        """Per-token logprobs of each completion given its prompt (one pass per sequence); with
-        `with_argmax`, also the greedy (argmax) token at each position: (logprobs, argmax)."""
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """Per-token logprobs of each completion given its prompt (one pass per sequence)."""
+        return self.score_argmax(prompts, completions)[0]
+
+    @torch.inference_mode()
+    def score_argmax(self, prompts: list[list[int]], completions: list[list[int]]):
+        """(score's logprobs, the greedy (argmax) token at each position)."""
         result, tops = [], []
         for p, c in zip(prompts, completions, strict=True):
             if not c:
@@ -472,7 +476,7 @@ class EmbeddedEngine:
             lp = lp.squeeze(-1)
             result.append(lp.tolist())
             tops.append(logits.argmax(-1).tolist())
-        return (result, tops) if with_argmax else result
+        return result, tops
 
     @torch.inference_mode()
     def prompt_logprobs(self, ids: list[int], top_n: int = 0):

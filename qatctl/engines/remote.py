@@ -100,19 +100,31 @@ class RemoteEngine:
                                      text=r.get("text", "")))
         return result
 
-    def score(self, prompts: list[list[int]], completions: list[list[int]], with_argmax: bool = False):
-        """Per-token logprobs; with `with_argmax`, (logprobs, None): the native API does not
-        return the argmax token at each position."""
-        result = []
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """Per-token logprobs of each completion (the server's input_token_logprobs)."""
+        return self._score(prompts, completions, top=False)[0]
+
+    def score_argmax(self, prompts: list[list[int]], completions: list[list[int]]):
+        """(logprobs, greedy token per position) from input_token_logprobs and input_top_logprobs
+        with top_logprobs_num 1 (SGLang's and qatctl serve's native API)."""
+        return self._score(prompts, completions, top=True)
+
+    def _score(self, prompts, completions, top: bool):
+        result, tops = [], []
         for p, c in zip(prompts, completions, strict=True):
             if not c:
                 result.append([])
+                tops.append([])
                 continue
             body = {"input_ids": list(p) + list(c), "return_logprob": True, "logprob_start_len": len(p),
                     "sampling_params": {"max_new_tokens": 0, "temperature": 0}}
-            lps = self._post("/generate", body)["meta_info"]["input_token_logprobs"]
-            result.append([lp for lp, _, _ in lps][-len(c):])
-        return (result, None) if with_argmax else result
+            if top:
+                body["top_logprobs_num"] = 1
+            meta = self._post("/generate", body)["meta_info"]
+            result.append([lp for lp, _, _ in meta["input_token_logprobs"]][-len(c):])
+            if top:
+                tops.append([t[0][1] for t in meta["input_top_logprobs"][-len(c):]])
+        return result, (tops if top else None)
 
 
 def _native(sp: SamplingParams) -> dict:
