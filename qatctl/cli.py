@@ -81,6 +81,16 @@ def _run(stage_run, config):
         raise typer.Exit(130) from None
 
 
+def _config(cls, scope: dict, **overrides):
+    """The stage's config from a command's parameters: each option is named once (the field's
+    name is the parameter's), its default lives on the field (the parameter reads it there), and
+    its help on the parameter. `overrides` are the values the command converts (lists to tuples)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in scope.items() if k in names and k not in overrides}, **overrides)
+
+
 def _report(manifest: dict, as_json: bool, extra_tables=()) -> None:
     from qatctl import ui
 
@@ -113,8 +123,7 @@ def init_qat(
     """Make a qat-checkpoint (BF16 masters + INT4 scheme) from a pretrained model; reports PTQ SQNR."""
     from stages import init_qat as stage
 
-    config = InitQatConfig(model=model, out=out, group_size=group_size, scale_rule=scale_rule,
-                           ignore=tuple(ignore or ()), preset_targets=preset_targets, seed=seed, force=force)
+    config = _config(InitQatConfig, locals(), ignore=tuple(ignore or ()))
     manifest = _run(stage.run, config)
     from qatctl import ui
 
@@ -134,7 +143,7 @@ def convert_int4(
     """Write the INT4 checkpoint (compressed-tensors pack-quantized) that SGLang and vLLM load."""
     from stages import convert_int4 as stage
 
-    manifest = _run(stage.run, ConvertInt4Config(ckpt=ckpt, out=out, force=force))
+    manifest = _run(stage.run, _config(ConvertInt4Config, locals()))
     _report({**manifest, "path": str(out)}, json_)
 
 
@@ -170,12 +179,7 @@ def train_sft_qat(
     """Fine-tune a qat-checkpoint through fake INT4 weights (STE); resumes after a kill by default."""
     from stages import train_sft_qat as stage
 
-    config = TrainSftQatConfig(
-        ckpt=ckpt, data=data, out=out, steps=steps, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
-        max_seq_len=max_seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-        min_lr_ratio=min_lr_ratio, max_grad_norm=max_grad_norm, seed=seed, fake_quant_after=fake_quant_after,
-        no_fake_quant=no_fake_quant, save_every=save_every, deepspeed=deepspeed, device=device,
-        reset_optimizer=reset_optimizer, resume=resume, force=force)
+    config = _config(TrainSftQatConfig, locals())
     manifest = _run(stage.run, config)
     if manifest.get("rank", 0) != 0:
         return
@@ -226,16 +230,7 @@ def rl_step(
     """GRPO iterations: INT4 rollouts, rewards, fake-quant policy update (TIS), in-memory weight sync; policy N+K."""
     from stages import rl_step as stage
 
-    config = RlStepConfig(
-        policy=policy, out=out, prompts=prompts, iterations=iterations, rollout_model=rollout_model,
-        rollout_precision=rollout_precision, engine_url=engine_url, api_key=api_key,
-        prompts_per_step=prompts_per_step, samples_per_prompt=samples_per_prompt, dynamic_sampling=dynamic_sampling,
-        max_sampling_rounds=max_sampling_rounds, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        reward=reward, loss=loss, clip_eps=clip_eps, tis_cap=tis_cap, kl_coef=kl_coef, reference=reference,
-        scale_by_std=scale_by_std, lr=lr, max_grad_norm=max_grad_norm, micro_batch=micro_batch,
-        mini_batches=mini_batches, no_fake_quant=no_fake_quant, reset_optimizer=reset_optimizer,
-        save_every=save_every, allow_stale_rollout_model=allow_stale_rollout_model, deepspeed=deepspeed,
-        device=device, resume=resume, force=force)
+    config = _config(RlStepConfig, locals())
     manifest = _run(stage.run, config)
     if manifest.get("rank", 0) != 0:
         return
@@ -293,11 +288,7 @@ def eval_consistency(
     """Measure train <-> inference mismatch (|dlogp| per token, KL, agreement, weight bit-identity)."""
     from stages import eval_consistency as stage
 
-    config = EvalConsistencyConfig(
-        train_ckpt=train_ckpt, infer_ckpt=infer_ckpt, prompts=prompts, out=out, rollouts=rollouts,
-        engine_url=engine_url, api_key=api_key, train_view=train_view, ablation=ablation, limit=limit,
-        samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        max_abs_diff=max_abs_diff, force=force)
+    config = _config(EvalConsistencyConfig, locals())
     manifest = _run(stage.run, config)
     if not json_ and (out / "report.json").is_file():
         import json
@@ -338,11 +329,7 @@ def serve(
     arguments after `--` go to sglang.launch_server with --backend sglang."""
     from stages import serve as stage
 
-    config = ServeConfig(ckpt=ckpt, host=host, port=port, api_key=api_key, api_key_file=api_key_file, backend=backend,
-                         weights=weights, device=device, max_batch=max_batch, max_queue=max_queue,
-                         max_prompts_per_request=max_prompts_per_request, max_new_tokens_cap=max_new_tokens_cap,
-                         max_request_bytes=max_request_bytes, threads=threads, model_name=model_name,
-                         sglang_args=tuple(ctx.args))
+    config = _config(ServeConfig, locals(), sglang_args=tuple(ctx.args))
     _run(stage.run, config)
 
 

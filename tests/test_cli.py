@@ -106,3 +106,31 @@ def test_rerun_is_up_to_date_and_inspect(tmp_path):
     assert m["kind"] == "qat-checkpoint" and m["quant"]["group_size"] == 64
     table = qatctl("inspect", out).stderr
     assert "quant.group_size" in table and "sqnr_db" in table
+
+
+def test_every_option_is_a_config_field_with_its_default():
+    """Each option is written once: the parameter is named after its stage config's field and
+    takes the field's default; every field a user may set has an option."""
+    import dataclasses
+    import inspect
+
+    from qatctl import cli
+
+    commands = {"init_qat": cli.InitQatConfig, "convert_int4": cli.ConvertInt4Config,
+                "train_sft_qat": cli.TrainSftQatConfig, "rl_step": cli.RlStepConfig,
+                "eval_consistency": cli.EvalConsistencyConfig, "serve": cli.ServeConfig}
+    internal = {"sglang_args"}  # filled from the arguments after `--`
+    for name, cls in commands.items():
+        params = {p.name: p for p in inspect.signature(getattr(cli, name)).parameters.values()}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        extra = set(params) - set(fields) - {"json_", "ctx"}
+        assert not extra, (name, extra)
+        assert not set(fields) - set(params) - internal, (name, set(fields) - set(params))
+        for field in fields.values():
+            p = params.get(field.name)
+            if p is None or p.default is inspect.Parameter.empty or p.default is ...:
+                continue
+            want = field.default if field.default is not dataclasses.MISSING else None
+            if field.name in ("ignore",):  # a list option for a tuple field
+                want = None if not want else list(want)
+            assert p.default == want, (name, field.name, p.default, want)
