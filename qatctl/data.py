@@ -195,3 +195,14 @@ def _epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
 
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n_examples, generator=g).tolist()
+
+
+def sft_step_batches(examples, step: int, batch_size: int, micro_batch: int, seed: int, pad_id: int, device):
+    """Optimizer step `step`'s micro-batches (ids, labels, mask, trained tokens of the whole step)."""
+    chosen = [examples[i] for i in step_examples(len(examples), step, batch_size, seed)]
+    step_tokens = sum(sum(t != IGNORE for t in e.labels[1:]) for e in chosen)
+    mbs = []
+    for i in range(0, len(chosen), micro_batch):
+        ids, labels, mask = collate(chosen[i:i + micro_batch], pad_id)
+        mbs.append((ids.to(device), labels.to(device), mask.to(device), step_tokens))
+    return mbs

@@ -346,3 +346,38 @@ def sft_loss(model, mb):
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss / step_tokens, {"tokens": int(mask.sum())}
+
+
+class RankedPartial:
+    """`with RankedPartial(out, trainer) as tmp`: rank 0 owns OUT.partial (kept for resume);
+    other ranks write their ZeRO shards into it."""
+
+    def __init__(self, out, trainer):  # out: an artifacts.OutputDir
+        self.out, self.trainer, self.ctx = out, trainer, None
+
+    def __enter__(self) -> Path:
+        if self.trainer.is_main:
+            self.ctx = self.out.building(resume=True)
+            path = self.ctx.__enter__()
+        self.trainer.barrier()
+        return path if self.trainer.is_main else self.out.partial
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def resume_steps(trainer, state_root: Path, resume: bool) -> tuple[list, int]:
+    """(metrics history, first step) from the newest loadable step folder under state_root, or
+    ([], 0) with the folder cleared when there is none (or resume is off)."""
+    from qatctl.ui import console
+
+    found = state.load_newest(state_root, "step", trainer.load_state) if resume else None
+    if found is None:
+        if state_root.exists() and trainer.is_main:
+            shutil.rmtree(state_root, ignore_errors=True)
+        trainer.barrier()
+        return [], 0
+    folder, meta = found
+    if trainer.is_main:
+        console.print(f"resuming from {folder} (step {meta['step']})")
+    return meta["history"], meta["step"]

@@ -114,7 +114,16 @@ def run(config: TrainSftQatConfig) -> dict:
     import torch
 
     from qatctl import models
-    from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer, save_step, sft_loss
+    from qatctl.train import (
+        OptimSettings,
+        RankedPartial,
+        device_and_dtype,
+        dist_env,
+        make_trainer,
+        resume_steps,
+        save_step,
+        sft_loss,
+    )
 
     device, dtype = device_and_dtype(config.device)
     torch.manual_seed(config.seed)
@@ -133,17 +142,11 @@ def run(config: TrainSftQatConfig) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def batches(step: int):
-        chosen = [examples[i] for i in data.step_examples(len(examples), step, config.batch_size, config.seed)]
-        step_tokens = sum(sum(t != data.IGNORE for t in e.labels[1:]) for e in chosen)
-        mbs = []
-        for i in range(0, len(chosen), config.micro_batch):
-            ids, labels, mask = data.collate(chosen[i:i + config.micro_batch], pad_id)
-            mbs.append((ids.to(device), labels.to(device), mask.to(device), step_tokens))
-        return mbs
+        return data.sft_step_batches(examples, step, config.batch_size, config.micro_batch, config.seed, pad_id, device)
 
-    with _partial(out, trainer) as tmp:
+    with RankedPartial(out, trainer) as tmp:
         state_root = tmp / "state"
-        history, start = _resume(trainer, state_root, config.resume)
+        history, start = resume_steps(trainer, state_root, config.resume)
         if trainer.is_main:
             _rewrite_metrics(tmp / "metrics.jsonl", history)
         t_start = time.perf_counter()
@@ -193,39 +196,6 @@ def _data_input(path: Path) -> dict:
     if not Path(path).is_file():
         raise QatctlError(f"{path}: no such data file")
     return {"path": str(path), "kind": "data", "digest": sha256_file(Path(path))}
-
-
-class _partial:
-    """Rank 0 owns OUT.partial (kept for resume); other ranks write their ZeRO shards into it."""
-
-    def __init__(self, out: OutputDir, trainer):
-        self.out, self.trainer, self.ctx = out, trainer, None
-
-    def __enter__(self) -> Path:
-        if self.trainer.is_main:
-            self.ctx = self.out.building(resume=True)
-            path = self.ctx.__enter__()
-        self.trainer.barrier()
-        return path if self.trainer.is_main else self.out.partial
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx else False
-
-
-def _resume(trainer, state_root: Path, resume: bool) -> tuple[list, int]:
-    from qatctl import state
-    from qatctl.ui import console
-
-    found = state.load_newest(state_root, "step", trainer.load_state) if resume else None
-    if found is None:
-        if state_root.exists() and trainer.is_main:
-            shutil.rmtree(state_root, ignore_errors=True)
-        trainer.barrier()
-        return [], 0
-    folder, meta = found
-    if trainer.is_main:
-        console.print(f"resuming from {folder} (step {meta['step']})")
-    return meta["history"], meta["step"]
 
 
 def _rewrite_metrics(path: Path, history: list) -> None:
