@@ -54,28 +54,43 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """qatctl's Server on uvicorn in a thread of this process, on a free loopback port."""
+    """qatctl's Server as `qatctl serve` runs it: uvicorn on a thread, the scheduler (and so the
+    engine) on this process's main thread while `client(url)` runs on a third."""
 
     def __init__(self, engine, ckpt: Path, scheduler_cls=Scheduler):
-        import uvicorn
-
         from qatctl.server import Server
 
         self.port = free_port()
         config = ServeConfig(ckpt=ckpt, port=self.port, max_batch=MAX_BATCH)
-        self.server = Server(engine, config)
+        self.server = Server(engine, config, scheduler_thread=False)
         if scheduler_cls is not Scheduler:
-            self.server.scheduler = scheduler_cls(engine, MAX_BATCH)
-        self.uv = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-        self.thread.start()
-        while not self.uv.started:
-            time.sleep(0.05)
+            self.server.scheduler = scheduler_cls(engine, MAX_BATCH, thread=False)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def stop(self):
-        self.uv.should_exit = True
-        self.thread.join(10)
+    def run(self, client):
+        """client(url) on a thread, served until it returns; returns its result."""
+        import uvicorn
+
+        http = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        web = threading.Thread(target=http.run, daemon=True)
+        web.start()
+        while not http.started:
+            time.sleep(0.05)
+        result = {}
+
+        def call():
+            try:
+                result["value"] = client(self.url)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                result["error"] = e
+        worker = threading.Thread(target=call)
+        worker.start()
+        self.server.scheduler.run(stop=lambda: not worker.is_alive())
+        http.should_exit = True
+        web.join(10)
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
 
 
 def rl_load(tokenizer) -> list[dict]:
@@ -130,19 +145,18 @@ def batch1(engine, ckpt: Path, new: int = 128) -> tuple[float, float]:
         engine.generate([prompt], sp)
         rates.append(new / (time.perf_counter() - t))
     in_process = max(rates)
-    live = LiveServer(engine, ckpt)
-    try:
-        body = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}}
-        with httpx.Client(base_url=live.url, timeout=120) as c:
+    body = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}}
+
+    def client(url):
+        with httpx.Client(base_url=url, timeout=120) as c:
             c.post("/generate", json={**body, "sampling_params": {"max_new_tokens": 4}})
             rates = []
             for _ in range(3):
                 t = time.perf_counter()
                 c.post("/generate", json=body).raise_for_status()
                 rates.append(new / (time.perf_counter() - t))
-    finally:
-        live.stop()
-    return in_process, max(rates)
+        return max(rates)
+    return in_process, LiveServer(engine, ckpt).run(client)
 
 
 def main() -> None:
@@ -161,11 +175,7 @@ def main() -> None:
                              ("continuous + shared prefixes", Scheduler, True)):
         engine.flush_cache()
         engine.prefix_cache.budget = 256 * 2**20 if cache else 0
-        live = LiveServer(engine, int4, cls)
-        try:
-            wall, lat, outs = asyncio.run(send_all(live.url, bodies))
-        finally:
-            live.stop()
+        wall, lat, outs = LiveServer(engine, int4, cls).run(lambda url: asyncio.run(send_all(url, bodies)))
         cached = sum(o["meta_info"]["cached_tokens"] for o in outs.values())
         rows.append((name, tokens / wall, pct(lat, 0.5), pct(lat, 0.99), cached, wall))
         outputs[name] = {rid: (o["output_ids"], [x[0] for x in o["meta_info"].get("output_token_logprobs", [])])

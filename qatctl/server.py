@@ -49,13 +49,13 @@ def _finish(o) -> dict:
 class Server:
     """The FastAPI app and the state behind it (engine, scheduler, model path, weight version)."""
 
-    def __init__(self, engine, config):
+    def __init__(self, engine, config, scheduler_thread: bool = True):
         self.config = config
         self.engine = engine
         self.model_path = str(config.ckpt)
         self.weight_version = "default"  # SGLang's initial label; /update_weights_from_disk may set it
         self.model_name = config.model_name or Path(config.ckpt).name
-        self.scheduler = Scheduler(engine, config.max_batch, max_queue=config.max_queue)
+        self.scheduler = Scheduler(engine, config.max_batch, max_queue=config.max_queue, thread=scheduler_thread)
         self.app = self._build()
 
     # ------------------------------------------------------------ helpers

@@ -188,10 +188,21 @@ def run(config: ServeConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     engine = load_engine(config.ckpt, weights=config.weights, device=config.device)
-    server = Server(engine, config)
+    server = Server(engine, config, scheduler_thread=False)  # the engine decodes on this (main) thread
     console.print(f"serving {config.ckpt} on http://{config.host}:{config.port} — engine embedded, kernel "
                   f"{engine.kernel} on {engine.device}, {torch.get_num_threads()} threads, up to {config.max_batch} requests "
                   "running (continuous batching)" + (", API key required" if config.api_key else ""))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uvicorn.Server(uvicorn.Config(server.app, log_level="warning")).run(sockets=[sock])
+    import threading
+
+    http = uvicorn.Server(uvicorn.Config(server.app, log_level="warning"))
+    web = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="qatctl-http", daemon=True)
+    web.start()
+    try:
+        server.scheduler.run(stop=lambda: not web.is_alive())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        http.should_exit = True
+        web.join(10)
     return {"backend": "embedded", "stopped": True}

@@ -1,4 +1,9 @@
-"""The server's scheduler: one worker thread drives a continuous batch (qatctl/engines/batch.py).
+"""The server's scheduler: one thread drives a continuous batch (qatctl/engines/batch.py).
+
+`qatctl serve` runs it on the process's main thread (`run()`), with the HTTP server on another:
+torch's OpenMP pool belongs to the thread that first ran parallel work, and decoding from a
+second thread ran 37% slower at 2 threads on a 2-core EPYC (46 vs 73 tok/s at batch 1, the
+same with no HTTP at all). Library users get a worker thread by default (`thread=True`).
 
 Requests wait in a queue and join the running batch at the next decode step (up to `max_batch`
 running); each leaves when it finishes, and its Future resolves with the Completion and the
@@ -42,7 +47,7 @@ class Result:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 32, max_queue: int = 4096):
+    def __init__(self, engine, max_batch: int = 32, max_queue: int = 4096, thread: bool = True):
         if max_batch < 1:
             raise QatctlError(f"scheduler: max_batch={max_batch} must be >= 1")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
@@ -55,8 +60,14 @@ class Scheduler:
         self.paused = False
         self.steps = self.largest_batch = 0
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._loop, name="qatctl-scheduler", daemon=True)
-        self._thread.start()
+        self._stop = None  # run(): a callable saying when to return
+        if thread:
+            threading.Thread(target=self._loop, name="qatctl-scheduler", daemon=True).start()
+
+    def run(self, stop=lambda: False) -> None:
+        """Drive the batch in the calling thread until stop() is true (checked twice a second)."""
+        self._stop = stop
+        self._loop()
 
     # ------------------------------------------------------------ called from any thread
     def submit(self, prompt_ids: list[int], params, on_token=None, rid: str | None = None) -> Future:
@@ -163,7 +174,9 @@ class Scheduler:
             with self._cv:
                 while not (self._calls or (self._swap and not self._running)
                            or (not self.paused and (self._running or (self._waiting and not self._swap)))):
-                    self._cv.wait()
+                    if self._stop is not None and self._stop():
+                        return
+                    self._cv.wait(timeout=None if self._stop is None else 0.5)
                 calls, self._calls = self._calls, []
                 admit = []
                 if not self.paused and not self._swap:
