@@ -443,3 +443,29 @@ def test_remote_score_argmax_equals_in_process(server, tiny_pairs):
     prompts, completions = [[5, 6, 7], [9, 10]], [[11, 12, 13, 14], [15, 16]]
     assert remote.score_argmax(prompts, completions) == local.score_argmax(prompts, completions)
     assert remote.score(prompts, completions) == local.score(prompts, completions)
+
+
+def test_server_batch_invariance_alone_joining_and_cached(server):
+    """Through HTTP: one request alone (cache flushed), joining a running batch mid-flight, and
+    again with its prompt's KV from the prefix cache: identical tokens and logprobs (==)."""
+    body = {"input_ids": [40, 41, 42, 43], "return_logprob": True,
+            "sampling_params": {"temperature": 1.0, "sampling_seed": 77, "max_new_tokens": 12}}
+
+    def run():
+        r = post(server, "/generate", body).json()
+        return r["output_ids"], [x[0] for x in r["meta_info"]["output_token_logprobs"]], r["meta_info"]["cached_tokens"]
+
+    long = {"input_ids": [7, 8], "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}}
+    assert httpx.post(server.url + "/flush_cache").status_code == 200
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(post, server, "/generate", long)
+        while httpx.get(server.url + "/get_server_info").json()["internal_states"][0]["running"] < 1:
+            time.sleep(0.005)
+        joined = run()  # prefilled fresh, joins the running batch
+        assert busy.result().status_code == 200
+    assert joined[2] == 0
+    assert httpx.post(server.url + "/flush_cache").status_code == 200
+    alone = run()
+    cached = run()
+    assert alone[2] == 0 and cached[2] == 4
+    assert alone[:2] == joined[:2] == cached[:2]
