@@ -123,9 +123,27 @@ class RowInvariantLinear:
 
     def __init__(self, w: torch.Tensor, device: torch.device = CPU):
         self.weight = w.to(device=device, dtype=torch.float32).contiguous()
-        self.packed = self._pack() if device.type == "cpu" else None  # cuBLAS: fixed chunks
-        self.kernel = "mkldnn prepacked fp32 linear" if self.packed is not None else \
-            f"fp32 matmul in chunks of {CHUNK_ROWS} rows"
+        self.out_features = self.weight.shape[0]
+        self.bf16 = self._native_bf16(device)  # packed BF16 weight for the native kernel, or None
+        self.packed = None if self.bf16 is not None or device.type != "cpu" else self._pack()  # cuBLAS: fixed chunks
+        if self.bf16 is not None:
+            self.kernel = "native BF16-read linear, fp32 accumulate (qatctl/engines/kernels.py)"
+            self.weight = None  # the fp32 copy is not read any more
+        else:
+            self.kernel = "mkldnn prepacked fp32 linear" if self.packed is not None else \
+                f"fp32 matmul in chunks of {CHUNK_ROWS} rows"
+
+    def _native_bf16(self, device):
+        """The weight packed for kernels.bf16_linear when it runs here and the weight's values are
+        BF16 numbers (then reading BF16 gives exactly the fp32 matmul's products)."""
+        from qatctl.engines import kernels
+
+        if device.type != "cpu" or not kernels.available():
+            return None
+        w16 = self.weight.to(torch.bfloat16)
+        if not torch.equal(w16.float(), self.weight):
+            return None
+        return kernels.pack_bf16(w16)
 
     def _pack(self):
         if not torch.backends.mkldnn.is_available():
@@ -146,6 +164,10 @@ class RowInvariantLinear:
         return packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bf16 is not None:
+            from qatctl.engines import kernels
+
+            return kernels.bf16_linear(x, self.bf16, self.out_features)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         if self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
@@ -158,8 +180,13 @@ class RowInvariantLinear:
         return out.reshape(*x.shape[:-1], -1)
 
     @property
+    def tensor(self) -> torch.Tensor:
+        """The weight as the kernel reads it (packed BF16, or fp32)."""
+        return self.bf16 if self.bf16 is not None else self.weight
+
+    @property
     def nbytes(self) -> int:
-        return self.weight.numel() * 4
+        return self.tensor.numel() * self.tensor.element_size()
 
 
 def _rms_norm(x, w, eps):
