@@ -121,13 +121,14 @@ def _load():
         so = _cache_dir() / f"qatctl_kernels_{key}.so"
         if not so.is_file():
             so.parent.mkdir(parents=True, exist_ok=True)
-            src = so.with_suffix(".c")
+            src = so.with_suffix(f".{os.getpid()}.c")  # per process: concurrent first uses never share a file
             src.write_text(SOURCE)
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
             subprocess.run([cc, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(src),
                             "-o", str(tmp), "-lm"],
                            check=True, capture_output=True, timeout=300)
             os.replace(tmp, so)  # atomic: a concurrent build never loads half a file
+            src.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(so))
         fn = lib.qatctl_bf16_linear
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
