@@ -148,16 +148,26 @@ def main() -> None:
     threads = torch.get_num_threads()
     bw, read_bw = copy_bandwidth(), read_bandwidth()
     engines = {w: EmbeddedEngine.load(int4, weights=w) for w in ("int4", "fp32", "bf16")}
+    from qatctl.engines import kernels
+
+    native = kernels.available()
+    if native:  # the same INT4 engine with the pure-torch fp32 lm_head: what the native kernel bought
+        real = kernels.available
+        kernels.available = lambda: False
+        engines["int4, fp32 oneDNN lm_head (pure-torch path)"] = EmbeddedEngine.load(int4, weights="int4")
+        kernels.available = real
     rows = []
     for name, eng in engines.items():
         new = NEW if name != "bf16" else 8  # BF16 dense prefill/decode is slow at large M on AVX2
         rates = {b: decode_rate(eng, b, new) for b in (1, 8, 32)}
-        rows.append((f"engine {name} ({eng.kernel})", rates, prefill_rate(eng), eng.weight_bytes))
+        rows.append((f"engine {name} ({eng.kernel}; lm_head {eng.lm_head.kernel.split(' (')[0]})", rates,
+                     prefill_rate(eng), eng.weight_bytes))
     hf = {b: hf_rate(ckpt, b, NEW if b > 1 else 16) for b in (1, 8)}
     rows.append(("HF generate fp32 (fake-quant weights)", hf, None, None))
     parts = decode_breakdown(engines["int4"])
     torch.set_num_threads(1)
     one = {"int4": decode_rate(engines["int4"], 1, NEW), "hf": hf_rate(ckpt, 1, 16)}
+    peer_one = llama_bench(1)
     torch.set_num_threads(threads)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peer = llama_bench(threads)
@@ -182,7 +192,13 @@ def main() -> None:
     lines += ["", f"llama.cpp peer, same run and threads: INT4 engine / llama.cpp at batch 1 = "
                   f"{int4_b1 / peer['decode']:.2f}x." if peer else
               "llama.cpp peer: not measured in this run (set LLAMA_BENCH=path/to/llama-bench)."]
-    lines += ["", f"With 1 thread: INT4 engine {one['int4']:.1f} tok/s, HF generate {one['hf']:.1f} tok/s (batch 1).", "",
+    if native:
+        before = rows[3][1][1]
+        lines += ["", f"What the native BF16-read lm_head bought at batch 1: {int4_b1:.1f} vs {before:.1f} tok/s "
+                      f"({int4_b1 / before:.2f}x) with the fp32 oneDNN lm_head, same run."]
+    lines += ["", f"With 1 thread: INT4 engine {one['int4']:.1f} tok/s, HF generate {one['hf']:.1f} tok/s (batch 1)"
+                  + (f", llama.cpp {peer_one['decode']:.1f} tok/s ({one['int4'] / peer_one['decode']:.2f}x)."
+                     if peer_one else "."), "",
               "Where a decoded token's time goes (INT4 engine, batch 1, torch.profiler self CPU time; the "
               "profiler's own overhead inflates the small ops):", "",
               "| part | ms / token |", "|---|---:|"]
@@ -190,20 +206,19 @@ def main() -> None:
     lines += ["",
               f"- Bandwidth in this run: streaming read {read_bw / 1e9:.1f} GB/s, copy {bw / 1e9:.1f} GB/s "
               f"(read+write). Bytes read per decoded token: {per_token / 1e6:.0f} MB "
-              f"({engines['int4'].weight_bytes / 1e6:.0f} MB INT4 linears + {lm_head / 1e6:.0f} MB fp32 lm_head) "
+              f"({engines['int4'].weight_bytes / 1e6:.0f} MB INT4 linears + {lm_head / 1e6:.0f} MB lm_head) "
               f"-> roofline {roofline:.0f} tok/s at batch 1; the INT4 engine reaches {int4_b1 / roofline:.0%} of it.",
               f"- Ratios at batch 1 ({threads} threads): INT4 / HF generate fp32 in this run = {int4_b1 / hf[1]:.1f}x "
               f"(and {int4_b1 / 12:.1f}x the brief's 12 tok/s); INT4 / fastest dense engine = "
               f"{int4_b1 / dense_b1:.2f}x.",
               f"- Peak RSS of the benchmark process: {rss:.0f} MB.",
-              "- Limits: the fp32 lm_head (tied embeddings, 49152 x 576, 113 MB) is read at the streaming "
-              "bandwidth; the INT4 kernel reaches about half of it on these small matrices (its unpacking "
-              "is compute-bound at 2 threads); the rest is per-op overhead of ~40 small ops x 30 layers.",
-              f"- Batch 32: the INT4 kernel's unpacking grows with the rows, and dense BF16 "
-              f"({rows[2][1][32]:.0f} tok/s) beats INT4 ({rows[0][1][32]:.0f}) while the weights fit in memory "
-              "either way. The engine stays on the 4-bit kernel (the issue rules out a dense copy made at "
-              "load; it is 4x the weight bytes); a dense BF16 decode path for large batches would hold the "
-              "same values (w_hat is BF16 q * scale) and is a possible option."]
+              "- Limits: the INT4 kernel (torch's) reaches about half the streaming bandwidth on these small "
+              "matrices (its unpacking is compute-bound); the rest is per-op overhead of ~40 small ops x 30 "
+              "layers. The lm_head (tied embeddings, 49152 x 576) is read as BF16 by the native kernel "
+              "when one could be built (57 MB instead of 113).",
+              f"- Batch 32: dense BF16 {rows[2][1][32]:.0f} tok/s vs INT4 {rows[0][1][32]:.0f} "
+              f"({rows[0][1][32] / rows[2][1][32]:.2f}x). The INT4 kernel's unpacking grows with the rows; the "
+              "engine stays on the 4-bit kernel (issue 14 rules out a dense copy made at load)."]
     write_section("engine", lines)
 
 
