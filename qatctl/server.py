@@ -146,19 +146,8 @@ class Server:
 
         app = FastAPI(title="qatctl serve", description="SGLang-native and OpenAI routes over the embedded INT4 engine",
                       version=_version(), redoc_url=None)
+        app.add_middleware(_Guard, server=self)
         server = self
-
-        @app.middleware("http")
-        async def auth(request: Request, call_next):
-            key = server.config.api_key
-            if key and request.url.path != "/health":
-                import hmac
-
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                    return JSONResponse({"error": {"message": "invalid or missing API key", "code": 401}},
-                                        status_code=401)
-            return await call_next(request)
 
         async def body_of(request: Request) -> dict:
             """An optional JSON object body (the control routes take {} or nothing)."""
@@ -172,15 +161,6 @@ class Server:
             if not isinstance(body, dict):
                 raise BadRequest("the JSON body must be an object", "body")
             return body
-
-        @app.middleware("http")
-        async def limit_size(request: Request, call_next):
-            size = request.headers.get("content-length")
-            limit = server.config.max_request_bytes
-            if size is not None and size.isdigit() and int(size) > limit:
-                return JSONResponse(_error(f"request body of {size} bytes exceeds --max-request-bytes {limit}",
-                                           "body", 413), status_code=413)
-            return await call_next(request)
 
         @app.exception_handler(BadRequest)
         async def bad_request(_request, exc):
@@ -588,6 +568,36 @@ class Server:
         finally:
             for t in tasks:
                 t.cancel()
+
+
+class _Guard:
+    """The API key and the body-size limit, as a plain ASGI middleware (Starlette's
+    BaseHTTPMiddleware would hide a client's disconnect from the routes, and abandoned work
+    could then not be dropped)."""
+
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        from fastapi.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        key = self.server.config.api_key
+        if key and scope["path"] != "/health":
+            import hmac
+
+            if not hmac.compare_digest(headers.get("authorization", b""), f"Bearer {key}".encode()):
+                response = JSONResponse(_error("invalid or missing API key", None, 401, "authentication_error"),
+                                        status_code=401)
+                return await response(scope, receive, send)
+        size, limit = headers.get("content-length", b""), self.server.config.max_request_bytes
+        if size.isdigit() and int(size) > limit:
+            response = JSONResponse(_error(f"request body of {int(size)} bytes exceeds --max-request-bytes {limit}",
+                                           "body", 413), status_code=413)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _error(message: str, param: str | None, code: int, kind: str = "invalid_request_error") -> dict:

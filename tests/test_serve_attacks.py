@@ -77,9 +77,12 @@ def test_abandoned_requests_stop_running(srv):
         lines = s.iter_lines()
         next(ln for ln in lines if ln.startswith("data:"))
     wait_for(srv, lambda st: st["running"] == 0, 10)  # dropped at the next step, not run to the cap
+    # a non-streaming client that gives up: its request is dropped even while it still waits
+    assert post(srv, "/pause_generation", {"mode": "in_place"}).status_code == 200
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(srv.url + "/generate", json=LONG, timeout=0.3)
-    wait_for(srv, lambda st: st["running"] == 0, 10)
+    wait_for(srv, lambda st: st["waiting"] == 0 and st["running"] == 0, 10)
+    assert post(srv, "/continue_generation", {}).status_code == 200
     assert post(srv, "/generate", GOOD).status_code == 200
 
 
