@@ -232,3 +232,24 @@ def test_smollm2_int4_engine_matches_fake_quant(smollm2_pair):
         assert diff.max() < 0.1 and diff.mean() < 0.02, diff
         alone = eng.generate([p], SamplingParams(temperature=0, max_new_tokens=16))[0]
         assert alone.output_ids == o.output_ids and alone.logprobs == o.logprobs
+
+
+def test_decode_attention_is_batch_invariant_at_every_thread_count():
+    """CPU SDPA changes a row's bits with the batch at 2+ threads; the engine's decode attention
+    does not, and it equals SDPA within fp32 rounding."""
+    from qatctl.engines.embedded import _decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            for B, L in ((2, 21), (5, 40), (17, 77), (32, 130)):
+                q, k, v = (torch.randn(B, h, t, 64, generator=g) for h, t in ((9, 1), (3, L), (3, L)))
+                full = _decode_attention(q, k, v)
+                alone = torch.cat([_decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i in range(B)])
+                assert torch.equal(full, alone), (n, B, L)
+                ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)

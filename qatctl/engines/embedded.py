@@ -567,9 +567,22 @@ def _attend(q, k, v, cache, rows, start):
     K[sel, :, start:end] = k
     V[sel, :, start:end] = v
     kk, vv = K[sel, :, :end], V[sel, :, :end]
+    if T == 1 and q.device.type == "cpu":
+        return _decode_attention(q, kk, vv)
     return F.scaled_dot_product_attention(q, kk, vv, is_causal=T > 1 and start == 0,
                                           attn_mask=_prefix_causal(T, start, q.device) if T > 1 and start else None,
                                           enable_gqa=True)
+
+
+def _decode_attention(q, k, v):
+    """One query per row over its keys, as matmul -> softmax -> matmul with the GQA groups as a
+    view. CPU SDPA is not batch-invariant with 2+ threads (it splits the keys across threads by
+    batch size: a row's bits changed with the rows beside it); these batched matmuls compute each
+    row alone and are (tests/test_engine.py), and are faster at decode sizes."""
+    B, H, T, D = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.reshape(B, kv, H // kv * T, D), k.transpose(-1, -2)) * (D ** -0.5)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).view(B, H, T, D)
 
 
 def _linears(layer):
