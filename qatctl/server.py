@@ -56,6 +56,7 @@ class Server:
         self.weight_version = "default"  # SGLang's initial label; /update_weights_from_disk may set it
         self.model_name = config.model_name or Path(config.ckpt).name
         self.scheduler = Scheduler(engine, config.max_batch, max_queue=config.max_queue, thread=scheduler_thread)
+        self.scheduler.label = self.weight_version
         self.app = self._build()
 
     # ------------------------------------------------------------ helpers
@@ -124,7 +125,8 @@ class Server:
             return False, str(e)
         if new.vocab_size != self.engine.vocab_size:
             return False, f"{req.model_path}: vocab {new.vocab_size} differs from the served model's {self.engine.vocab_size}"
-        await asyncio.wrap_future(self.scheduler.swap(new))  # running requests finish on the old weights
+        # running requests finish on the old weights and report the old weight_version
+        await asyncio.wrap_future(self.scheduler.swap(new, req.weight_version))
         self.engine, self.model_path = new, req.model_path
         if req.weight_version is not None:
             self.weight_version = req.weight_version
@@ -316,7 +318,7 @@ class Server:
         out = []
         for (p, _sp, rid, _), res in zip(jobs, results, strict=True):
             out.append(await self._native_result(p, res.completion, res.cached_tokens, rid, req,
-                                                 time.perf_counter() - t0))
+                                                 time.perf_counter() - t0, res.weight_version))
         return out if batched or len(out) > 1 else out[0]
 
     def _lp_entries(self, lps, ids, with_text: bool):
@@ -326,9 +328,10 @@ class Server:
         return [None if top is None else [[lp, t, self.piece(t) if with_text else None] for t, lp in top]
                 for top in tops]
 
-    async def _native_result(self, p, o, cached, rid, req: GenerateRequest, latency: float) -> dict:
+    async def _native_result(self, p, o, cached, rid, req: GenerateRequest, latency: float,
+                             version: str | None = None) -> dict:
         meta = {"id": rid or uuid.uuid4().hex, "prompt_tokens": len(p), "completion_tokens": len(o.output_ids),
-                "cached_tokens": cached, "finish_reason": _finish(o), "weight_version": self.weight_version,
+                "cached_tokens": cached, "finish_reason": _finish(o), "weight_version": version or self.weight_version,
                 "e2e_latency": latency}
         if req.return_logprob:
             text = req.return_text_in_logprobs
@@ -355,7 +358,7 @@ class Server:
                     yield f"data: {json.dumps({'text': item, 'meta_info': {'id': rid, 'finish_reason': None}})}\n\n"
                 else:
                     res = await self._native_result(ids, item.completion, item.cached_tokens, rid, req,
-                                                    time.perf_counter() - t0)
+                                                    time.perf_counter() - t0, item.weight_version)
                     yield f"data: {json.dumps(res)}\n\n"
         except Exception as e:  # noqa: BLE001 - SGLang's shape: an error event, then the stream ends
             log.warning("stream failed: %s", e)

@@ -44,6 +44,7 @@ class Job:
 class Result:
     completion: object
     cached_tokens: int
+    weight_version: str | None = None  # the label of the weights that served it (swap's `label`)
 
 
 class Scheduler:
@@ -58,6 +59,7 @@ class Scheduler:
         self._calls: list[tuple] = []  # (fn, Future) to run on the worker between steps
         self._swap: tuple | None = None  # (engine, Future) waiting for the batch to drain
         self.paused = False
+        self.label: str | None = None  # the served weights' label (weight_version)
         self.steps = self.largest_batch = 0
         self._ids = itertools.count()
         self._stop = None  # run(): a callable saying when to return
@@ -125,14 +127,15 @@ class Scheduler:
             return True
         return self.call(run)
 
-    def swap(self, engine) -> Future:
-        """Serve `engine` from now on: new requests wait, running ones finish on the old engine."""
+    def swap(self, engine, label: str | None = None) -> Future:
+        """Serve `engine` (labelled `label`, e.g. a weight_version) from now on: new requests
+        wait, running ones finish on the old engine and report the old label."""
         fut: Future = Future()
         with self._cv:
             if self._swap is not None:
                 fut.set_exception(QatctlError("a weight update is already in progress"))
                 return fut
-            self._swap = (engine, fut)
+            self._swap = (engine, fut, label)
             self._cv.notify()
         return fut
 
@@ -151,7 +154,7 @@ class Scheduler:
         for j in waiting:
             from qatctl.engines import Completion
 
-            j.future.set_result(Result(Completion(prompt_ids=list(j.prompt_ids), finish_reason="abort"), 0))
+            j.future.set_result(Result(Completion(prompt_ids=list(j.prompt_ids), finish_reason="abort"), 0, self.label))
             n += 1
         for seq, j in list(self._running.items()):
             if which(j):
@@ -167,7 +170,7 @@ class Scheduler:
 
     def _done(self, seq) -> None:
         job = self._running.pop(seq)
-        job.future.set_result(Result(seq.completion, seq.cached_tokens))
+        job.future.set_result(Result(seq.completion, seq.cached_tokens, self.label))
 
     def _loop(self) -> None:
         while True:
@@ -198,7 +201,7 @@ class Scheduler:
                     job.future.set_exception(e)
                     continue
                 if seq.done:  # max_new_tokens 0
-                    job.future.set_result(Result(seq.completion, 0))
+                    job.future.set_result(Result(seq.completion, 0, self.label))
                 else:
                     self._running[seq] = job
             if self.paused or not self._running:
@@ -218,9 +221,11 @@ class Scheduler:
 
     def _do_swap(self) -> None:
         with self._cv:
-            (engine, fut), self._swap = self._swap, None
+            (engine, fut, label), self._swap = self._swap, None
         old = self.engine
         self.engine = engine
+        if label is not None:
+            self.label = label
         self.batch = engine.open_batch()
         if engine is old:  # weights updated in place: cached prompts' KV is stale
             engine.flush_cache()
