@@ -68,9 +68,6 @@ class PrefixCache:
         self.bytes = 0
         return n
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(k) for k in self.entries)
 
 
 @dataclass(eq=False)

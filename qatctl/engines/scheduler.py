@@ -18,7 +18,6 @@ on the old weights, then the engine is swapped and the prefix cache flushed.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import threading
 from concurrent.futures import Future
@@ -61,7 +60,6 @@ class Scheduler:
         self.paused = False
         self.label: str | None = None  # the served weights' label (weight_version)
         self.steps = self.largest_batch = 0
-        self._ids = itertools.count()
         self._stop = None  # run(): a callable saying when to return
         if thread:
             threading.Thread(target=self._loop, name="qatctl-scheduler", daemon=True).start()
