@@ -69,7 +69,6 @@ class PrefixCache:
         return n
 
 
-
 @dataclass(eq=False)
 class Sequence:
     """One request in a DecodeBatch. `completion` fills in as tokens are sampled."""
