@@ -2,8 +2,8 @@
 hands it as one safetensors file (tensors) with the structure around them as JSON in the file's
 metadata, and reads it back with nothing but the safetensors and JSON parsers.
 
-DeepSpeed's own TorchCheckpointEngine saves with torch.save and loads with torch's full
-unpickler (weights_only=False): a crafted file in a resume folder would run code when the user
+DeepSpeed's own TorchCheckpointEngine saves with torch.save and loads with torch's full,
+unrestricted unpickler: a crafted file in a resume folder would run code when the user
 re-runs the command. Here, loading can only ever build tensors, numbers, strings, lists, tuples,
 dicts and the few named values below (torch dtypes, DeepSpeed's ZeRO stage enum, its loss scaler
 rebuilt from its attributes); anything else is refused when saving.
