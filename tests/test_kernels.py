@@ -1,6 +1,9 @@
-"""The native BF16-read linear (qatctl/engines/kernels.py): equal to the fp32 matmul within fp32
-rounding, bit-identical per row at any M and thread count, and the engine's pure-torch fallback
-(forced by QATCTL_NO_NATIVE=1) gives the same tokens."""
+"""The native kernels (qatctl/engines/native.c via kernels.py): the BF16-read lm_head equals the
+fp32 matmul within fp32 rounding; the W4A16 linear equals the dense dequantized matmul within
+BF16 rounding, and its AVX512-BF16, AVX2 and plain C builds agree bit for bit; both are
+bit-identical per row at any M and thread count; the fused decode step gives the torch path's
+tokens and is batch-invariant; the engine's pure-torch fallback (QATCTL_NO_NATIVE=1) gives the
+same tokens."""
 
 import json
 import os
@@ -56,7 +59,8 @@ import json, sys
 from qatctl.engines import SamplingParams, load_engine
 eng = load_engine({str(tiny_pairs['tiny-llama'][1])!r})
 outs = eng.generate({prompts!r}, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
-print(json.dumps({{"kernel": eng.info()["lm_head_kernel"], "ids": [o.output_ids for o in outs],
+print(json.dumps({{"kernel": eng.info()["lm_head_kernel"], "int4": eng.kernel, "fused": eng.decode_plan is not None,
+                  "ids": [o.output_ids for o in outs],
                   "lps": [o.logprobs for o in outs]}}))
 """
     runs = {}
@@ -66,11 +70,88 @@ print(json.dumps({{"kernel": eng.info()["lm_head_kernel"], "ids": [o.output_ids 
         assert p.returncode == 0, p.stderr[-2000:]
         runs[flag] = json.loads(p.stdout.strip().splitlines()[-1])
     assert not runs["1"]["kernel"].startswith("native")
+    assert not runs["1"]["int4"].startswith("native") and not runs["1"]["fused"]
     if kernels.available():
         assert runs["0"]["kernel"].startswith("native")
+        assert runs["0"]["int4"].startswith("native W4A16") and runs["0"]["fused"]
     assert runs["0"]["ids"] == runs["1"]["ids"]
     for a, b in zip(runs["0"]["lps"], runs["1"]["lps"], strict=True):
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
     eng = load_engine(tiny_pairs["tiny-llama"][1])
     assert eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))[0].output_ids \
         == runs["0"]["ids"][0]
+
+
+def _int4_case(n, k, group, seed):
+    from qatctl.quant import QuantScheme, quantize
+
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize(torch.randn(n, k, generator=g) * 0.05, QuantScheme(group_size=group))
+    exact = q.double() * scale.double().repeat_interleave(group, dim=1)  # q * scale, not rounded to BF16
+    return q, scale, exact, torch.randn(64, k, generator=g)
+
+
+@native
+@pytest.mark.parametrize("n, k, group", [(960, 576, 64), (576, 1536, 128), (100, 96, 32), (37, 256, 128),
+                                         (16, 64, 32), (3072, 576, 32)])
+def test_int4_linear_matches_dense_and_is_row_and_thread_invariant(n, k, group):
+    q, scale, w, x = _int4_case(n, k, group, n + k)
+    packed = kernels.pack_int4(q, scale, group)
+    got = kernels.int4_linear(x, packed)
+    xb = x.bfloat16().double()
+    ref = xb @ w.t()
+    # as aten's int4 kernel: BF16 x times q * scale in fp32 (x * q is exact, scaled once per group),
+    # fp32 sums in a fixed order, then one rounding of the output to BF16
+    bound = 2**-8 * ref.abs() + k * 2**-22 * (xb.abs() @ w.abs().t()) + 1e-7
+    assert ((got.double() - ref).abs() <= bound).all()
+    assert torch.equal(got, got.bfloat16().float())  # BF16 values, as a W4A16 kernel returns
+    alone = torch.cat([kernels.int4_linear(r, packed) for r in x.split(1)])
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 15, 17, 33, 63, 64):
+        assert torch.equal(kernels.int4_linear(x[:m], packed), alone[:m]), m
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.int4_linear(x, packed), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@native
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "portable"])
+def test_int4_linear_builds_for_older_cpus_give_the_same_bits(flags):
+    """What an AVX2-only or a pre-AVX2 CPU compiles (forced here by compiler flags) computes the
+    same chain of fused multiply-adds as this CPU's build: the same bits."""
+    lib = kernels.library(flags)
+    if lib is None:
+        pytest.skip(f"cannot build with {flags} here")
+    assert kernels.isa(lib) == ("avx2+fma" if "-mno-avx2" not in flags else "portable C")
+    for n, k, group in [(960, 576, 64), (37, 256, 128), (100, 96, 32)]:
+        q, scale, _, x = _int4_case(n, k, group, 7 * n)
+        packed = kernels.pack_int4(q, scale, group)
+        for m in (1, 5, 64):
+            assert torch.equal(kernels.int4_linear(x[:m], packed, lib), kernels.int4_linear(x[:m], packed)), (n, m)
+
+
+@native
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3"])
+def test_fused_decode_matches_the_torch_path(tiny_pairs, preset):
+    """The fused native decode step (one call for all layers) against the engine's torch forward
+    over the same kernels: the same greedy tokens, logprobs within fp32 reordering noise, and
+    batch-invariant on its own (tests/test_batch.py and test_engine.py run through it too)."""
+    fused = load_engine(tiny_pairs[preset][1])
+    assert fused.decode_plan is not None
+    plain = load_engine(tiny_pairs[preset][1])
+    plain.decode_plan = None
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 9)]
+    sp = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    a, b = fused.generate(prompts, sp), plain.generate(prompts, sp)
+    for x, y in zip(a, b, strict=True):
+        assert x.output_ids == y.output_ids
+        assert max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs, strict=True)) < 1e-3
+    fused.flush_cache()
+    assert fused.generate(prompts[1:2], sp)[0].logprobs == a[1].logprobs  # alone == in the batch
+
+
+def test_moe_engine_keeps_the_torch_decode(tiny_pairs):
+    assert load_engine(tiny_pairs["tiny-qwen3-moe"][1]).decode_plan is None

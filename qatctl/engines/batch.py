@@ -92,6 +92,7 @@ class DecodeBatch:
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.rows = self.capacity = 0
         self.free: list[int] = []
+        self.pool = None  # the fused decode step's view of the KV pool (engine.decode_plan), per pool
 
     # -------------------------------------------------------------- KV pool
     def _ensure(self, rows: int, length: int) -> None:
@@ -113,6 +114,7 @@ class DecodeBatch:
             grown.append((K2, V2))
         self.free += list(range(self.rows, new_rows))
         self.cache, self.rows, self.capacity = grown, new_rows, new_len
+        self.pool = None
 
     def _take_row(self, length: int) -> int:
         if not self.free:
@@ -204,10 +206,11 @@ class DecodeBatch:
                 still.append(seq)
         self.running = still
         if still:
-            tokens = torch.tensor([[s.completion.output_ids[-1]] for s in still], device=eng.device)
-            pos = torch.tensor([[s.length] for s in still], device=eng.device)
-            h = eng._forward(tokens, pos, self.cache, [s.row for s in still], [s.length for s in still])
-            logits = eng._logits(h[:, -1]).cpu()
+            if self.pool is None and eng.decode_plan is not None:
+                self.pool = eng.decode_plan.pool(self.cache)
+            h = eng._decode([s.completion.output_ids[-1] for s in still], self.cache, self.pool,
+                            [s.row for s in still], [s.length for s in still])
+            logits = eng._logits(h).cpu()
             for i, s in enumerate(still):
                 s.length += 1
                 s.logits = logits[i]

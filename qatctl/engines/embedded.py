@@ -43,44 +43,66 @@ CPU = torch.device("cpu")
 class Int4Linear:
     """y = x @ (q * scale).T on a 4-bit kernel (BF16 in, BF16 out), the weight never dense.
 
-    CPU: aten._weight_int4pack_mm_for_cpu. CUDA: aten._weight_int4pack_mm (tinygemm), packed
-    from [N, K/2] bytes (even column in the high nibble) with the largest inner k-tiles that
-    divide K. Both dequantize (u - 8) * scale + zero: symmetric q maps exactly as u = q + 8,
-    zero 0. `check=True` compares the kernel with the dense dequantized matmul on probe rows
-    and refuses to run on a mismatch (a packing layout that differs on this build).
+    CPU: the native W4A16 kernel (kernels.int4_linear: vdpbf16ps on AVX512-BF16, FMAs on AVX2,
+    plain C elsewhere; the same bits on each) when it can be built, else
+    aten._weight_int4pack_mm_for_cpu. CUDA: aten._weight_int4pack_mm (tinygemm), packed from
+    [N, K/2] bytes (even column in the high nibble) with the largest inner k-tiles that divide K.
+    The aten kernels dequantize (u - 8) * scale + zero: symmetric q maps exactly as u = q + 8,
+    zero 0. `check=True` compares the kernel with the dense dequantized matmul on probe rows and
+    refuses to run on a mismatch (a packing layout that differs on this build).
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, device: torch.device = CPU,
                  check: bool = False):
+        from qatctl.engines import kernels
+
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        u = q.to(torch.int32) + 8
-        scale_t = scale.to(torch.bfloat16).t().contiguous()  # [in/group, out]
-        self.scales_and_zeros = torch.stack([scale_t, torch.zeros_like(scale_t)], dim=-1).contiguous().to(device)
-        if device.type == "cuda":
-            tiles = next((t for t in (8, 4, 2) if self.in_features % (t * 16) == 0), None)
-            if tiles is None or self.out_features % 8 or group_size not in (32, 64, 128, 256):
-                raise QatctlError(f"int4 on CUDA: a [{self.out_features}, {self.in_features}] weight with group "
-                                  f"size {group_size} does not fit the tinygemm kernel (in % 32, out % 8, "
-                                  "group 32-256)")
-            pairs = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8).to(device)
-            self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
-            self._mm, self.kernel = torch.ops.aten._weight_int4pack_mm, "aten._weight_int4pack_mm (CUDA tinygemm)"
+        self.native = None
+        if device.type == "cpu" and kernels.available() and self.in_features % group_size == 0 \
+                and group_size % 2 == 0:
+            self.native = kernels.pack_int4(q, scale, group_size)
+            self.kernel = f"native W4A16, {kernels.isa()} (qatctl/engines/native.c)"
+            self._mm = None
         else:
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-            self._mm, self.kernel = torch.ops.aten._weight_int4pack_mm_for_cpu, "aten._weight_int4pack_mm_for_cpu"
+            u = q.to(torch.int32) + 8
+            scale_t = scale.to(torch.bfloat16).t().contiguous()  # [in/group, out]
+            self.scales_and_zeros = torch.stack([scale_t, torch.zeros_like(scale_t)], dim=-1).contiguous().to(device)
+            if device.type == "cuda":
+                tiles = next((t for t in (8, 4, 2) if self.in_features % (t * 16) == 0), None)
+                if tiles is None or self.out_features % 8 or group_size not in (32, 64, 128, 256):
+                    raise QatctlError(f"int4 on CUDA: a [{self.out_features}, {self.in_features}] weight with group "
+                                      f"size {group_size} does not fit the tinygemm kernel (in % 32, out % 8, "
+                                      "group 32-256)")
+                pairs = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8).to(device)
+                self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+                self._mm, self.kernel = torch.ops.aten._weight_int4pack_mm, "aten._weight_int4pack_mm (CUDA tinygemm)"
+            else:
+                self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+                self._mm, self.kernel = torch.ops.aten._weight_int4pack_mm_for_cpu, "aten._weight_int4pack_mm_for_cpu"
         if check:
             self._check(q, scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            from qatctl.engines import kernels
+
+            return kernels.int4_linear(x, self.native)
         y = self._mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size,
                      self.scales_and_zeros)
         return y.reshape(*x.shape[:-1], self.out_features).float()
 
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the kernel reads (what two equal weights have equal)."""
+        if self.native is not None:
+            return self.native.w, self.native.s
+        return self.packed, self.scales_and_zeros
+
     def _check(self, q, scale):
         w = dequant(q, scale, self.group_size).float()
         x = torch.randn(4, self.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
-        got = self(x.to(self.packed.device)).cpu()
+        got = self(x.to(self.parts[0].device)).cpu()
         ref = x.float() @ w.t()
         bound = 2**-7 * (x.float().abs() @ w.abs().t()) + 1e-5
         if not ((got - ref).abs() <= bound).all():
@@ -89,7 +111,7 @@ class Int4Linear:
 
     @property
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
+        return sum(t.numel() * t.element_size() for t in self.parts)
 
 
 class DenseLinear:
@@ -329,6 +351,9 @@ class EmbeddedEngine:
             self.layers.append(layer)
         first = self.layers[0]["qkv"]
         self.kernel = first.kernel
+        from qatctl.engines.kernels import DecodePlan
+
+        self.decode_plan = DecodePlan.plan(self)  # the fused native decode step, where it applies
         self.weight_bytes = sum(lin.nbytes for layer in self.layers for lin in _linears(layer))
 
     # ------------------------------------------------------------------ loading
@@ -427,6 +452,16 @@ class EmbeddedEngine:
         for i, layer in enumerate(self.layers):
             x = self._attn_mlp(layer, x, rope, cache[i], rows, lengths)
         return _rms_norm(x, self.final_norm, self.eps)
+
+    def _decode(self, tokens: list[int], cache, pool, rows: list[int], lengths: list[int]) -> torch.Tensor:
+        """One decode step: token m of row rows[m] at position lengths[m] -> final hidden [M, H].
+        The fused native step where the engine has one (pool: decode_plan.pool(cache)), else the
+        torch forward."""
+        t = torch.tensor(tokens, device=self.device)
+        if pool is not None:
+            return _rms_norm(self.decode_plan(self.embed[t], pool, rows, lengths), self.final_norm, self.eps)
+        pos = torch.tensor(lengths, device=self.device).unsqueeze(1)
+        return self._forward(t.unsqueeze(1), pos, cache, rows, lengths)[:, -1]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)

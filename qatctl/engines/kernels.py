@@ -1,17 +1,24 @@
-"""Small native kernels for the embedded engine, compiled for the running CPU on first use.
+"""Small native kernels for the embedded engine (native.c), compiled for the running CPU on first use.
+
+`int4_linear(x, w)`: the W4A16 linear. y = bf16(x) @ (q * scale).T rounded to BF16, the weight
+kept 4-bit ([N/16, K/2, 16] nibbles + fp32 scales). On AVX512-BF16 CPUs it runs vdpbf16ps on
+nibbles expanded to BF16 by one permute; on AVX2 fp32 FMAs; else plain C. All three compute each
+output as the same chain of fused multiply-adds (native.c says which), so they agree bit for bit.
 
 `bf16_linear(x, w)`: y = x @ w.T with x fp32 [M, K] and w BF16 [N, K], products and sums in
 fp32. For a weight whose values are BF16 numbers (the lm_head of every qatctl checkpoint), this
 reads half the bytes of the fp32 matmul and gives the same products; only the summation order
-differs (a fixed one). The weight is packed once ([N/16, K, 16]: 16 output columns side by side)
-and every output is one fp32 fma chain over k in order, computed by one thread, so a row's result
-does not depend on M, on the other rows or on the thread count: the engine stays batch-invariant.
+differs (a fixed one).
 
-The C source below is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`)
-into a cache folder keyed by the source, the compiler and the CPU's flags, so a machine with other
-SIMD gets its own build and an older CPU never runs code built for a newer one. Without a
+Every output of both is one fixed fp32 chain computed by one thread, so a row's result does not
+depend on M, on the other rows or on the thread count: the engine stays batch-invariant.
+
+native.c is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into a cache
+folder keyed by the source, the compiler, the CPU's flags and any extra flags, so a machine with
+other SIMD gets its own build and an older CPU never runs code built for a newer one. Without a
 compiler, when the build fails, or with QATCTL_NO_NATIVE=1, `available()` is False and the engine
-keeps its pure-torch path (oneDNN fp32 lm_head); `engine.info()` says which ran.
+keeps its pure-torch path (torch's int4 kernel, oneDNN fp32 lm_head); `engine.info()` says which ran.
+`library(extra_flags)` builds a variant (e.g. "-mno-avx512f" for the AVX2 path) for tests and benches.
 """
 
 from __future__ import annotations
@@ -22,70 +29,15 @@ import logging
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("qatctl.kernels")
 
-SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* y[m*N + n] = sum_k x[m*K + k] * w[n, k] with w packed as [ceil(N/16)][K][16] BF16 (16 output
-   columns side by side). Every output is one fp32 fma chain over k = 0..K-1, in that order, by one
-   thread: the same bits whatever M, the other rows or the thread count. */
-void qatctl_bf16_linear(const float *x, const uint16_t *wp, float *y, int64_t M, int64_t N, int64_t K,
-                        int nthreads) {
-    const int64_t NB = (N + 15) / 16;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t nb = 0; nb < NB; nb++) {
-        const uint16_t *wb = wp + nb * K * 16;
-        const int64_t cols = N - nb * 16 < 16 ? N - nb * 16 : 16;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) {
-            float a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0};
-            const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
-            for (int64_t k = 0; k < K; k++) {
-                float wv[16];
-                for (int j = 0; j < 16; j++) wv[j] = bf16_to_f32(wb[k * 16 + j]);
-                for (int j = 0; j < 16; j++) {
-                    a0[j] = fmaf(x0[k], wv[j], a0[j]);
-                    a1[j] = fmaf(x1[k], wv[j], a1[j]);
-                    a2[j] = fmaf(x2[k], wv[j], a2[j]);
-                    a3[j] = fmaf(x3[k], wv[j], a3[j]);
-                }
-            }
-            for (int64_t j = 0; j < cols; j++) {
-                y[m * N + nb * 16 + j] = a0[j];
-                y[(m + 1) * N + nb * 16 + j] = a1[j];
-                y[(m + 2) * N + nb * 16 + j] = a2[j];
-                y[(m + 3) * N + nb * 16 + j] = a3[j];
-            }
-        }
-        for (; m < M; m++) {
-            float a0[16] = {0};
-            const float *x0 = x + m * K;
-            for (int64_t k = 0; k < K; k++) {
-                float wv[16];
-                for (int j = 0; j < 16; j++) wv[j] = bf16_to_f32(wb[k * 16 + j]);
-                for (int j = 0; j < 16; j++) a0[j] = fmaf(x0[k], wv[j], a0[j]);
-            }
-            for (int64_t j = 0; j < cols; j++) y[m * N + nb * 16 + j] = a0[j];
-        }
-    }
-}
-"""
-_lib = None
-_tried = False
+SOURCE = (Path(__file__).parent / "native.c").read_text()
+_libs: dict[tuple[str, ...], ctypes.CDLL | None] = {}
 
 
 def _cpu_flags() -> str:
@@ -104,10 +56,14 @@ def _cache_dir() -> Path:
 
 
 def _load():
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
+    return library()
+
+
+def library(extra_flags: tuple[str, ...] = ()):
+    """The compiled native.c for this CPU (plus extra compiler flags), or None where it cannot be built."""
+    if extra_flags in _libs:
+        return _libs[extra_flags]
+    _libs[extra_flags] = None
     if os.environ.get("QATCTL_NO_NATIVE") == "1":
         log.info("native kernels off (QATCTL_NO_NATIVE=1)")
         return None
@@ -115,30 +71,33 @@ def _load():
     if cc is None:
         log.info("no C compiler: native kernels unavailable")
         return None
+    flags = ["-O3", "-march=native", *extra_flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\n".join([SOURCE, cc, version, _cpu_flags()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\n".join([SOURCE, cc, version, _cpu_flags(), *flags]).encode()).hexdigest()[:16]
         so = _cache_dir() / f"qatctl_kernels_{key}.so"
         if not so.is_file():
             so.parent.mkdir(parents=True, exist_ok=True)
             src = so.with_suffix(f".{os.getpid()}.c")  # per process: concurrent first uses never share a file
             src.write_text(SOURCE)
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([cc, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", str(src),
-                            "-o", str(tmp), "-lm"],
-                           check=True, capture_output=True, timeout=300)
+            subprocess.run([cc, *flags, str(src), "-o", str(tmp), "-lm"], check=True, capture_output=True, timeout=300)
             os.replace(tmp, so)  # atomic: a concurrent build never loads half a file
             src.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(so))
-        fn = lib.qatctl_bf16_linear
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_int64, ctypes.c_int]
-        fn.restype = None
-        _lib = lib
-        log.info("native kernels: %s", so)
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.qatctl_bf16_linear.argtypes = [p, p, p, i64, i64, i64, ctypes.c_int]
+        lib.qatctl_bf16_linear.restype = None
+        lib.qatctl_int4_linear.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
+        lib.qatctl_int4_linear.restype = ctypes.c_int
+        lib.qatctl_int4_isa.restype = ctypes.c_char_p
+        lib.qatctl_decode.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int]
+        lib.qatctl_decode.restype = ctypes.c_int
+        _libs[extra_flags] = lib
+        log.info("native kernels: %s (int4: %s)", so, lib.qatctl_int4_isa().decode())
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("native kernels unavailable (%s); the engine uses its pure-torch path", e)
-    return _lib
+    return _libs[extra_flags]
 
 
 def available() -> bool:
@@ -155,9 +114,9 @@ def pack_bf16(w: torch.Tensor) -> torch.Tensor:
     return wb.view(-1, 16, K).transpose(1, 2).contiguous()
 
 
-def bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int, lib=None) -> torch.Tensor:
     """x fp32 [..., K] @ w.T for w packed by pack_bf16 (n output features) -> fp32 [..., n]."""
-    lib = _load()
+    lib = lib or _load()
     if lib is None:
         raise RuntimeError("native kernels are unavailable")
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
@@ -167,3 +126,132 @@ def bf16_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     y = torch.empty(M, n, dtype=torch.float32)
     lib.qatctl_bf16_linear(flat.data_ptr(), packed.data_ptr(), y.data_ptr(), M, n, K, torch.get_num_threads())
     return y.reshape(*x.shape[:-1], n)
+
+
+def isa(lib=None) -> str | None:
+    """Which int4 path the build runs (avx512bf16, avx2+fma, portable C), or None without one."""
+    lib = lib or _load()
+    return None if lib is None else lib.qatctl_int4_isa().decode()
+
+
+@dataclass(frozen=True)
+class Int4Packed:
+    """A W4A16 weight as int4_linear reads it: nibbles [NB, K/2, 16] uint8 (NB a multiple of 4) and
+    scales [NB, K/group, 16] fp32; n and k are the real output and input features."""
+    w: torch.Tensor
+    s: torch.Tensor
+    n: int
+    k: int
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() + self.s.numel() * 4
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, group: int) -> Int4Packed:
+    """q int [N, K] in [-8, 7] and its scales [N, K/group] (BF16 values) -> Int4Packed."""
+    N, K = q.shape
+    if K % 2 or group % 2 or K % group or scale.shape != (N, K // group):
+        raise ValueError(f"pack_int4: a [{N}, {K}] weight with group {group} and scales {tuple(scale.shape)}")
+    pad = (-N) % 64
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    sc = scale.float()
+    if pad:
+        u = torch.cat([u, u.new_full((pad, K), 8)])  # q = 0
+        sc = torch.cat([sc, sc.new_zeros(pad, K // group)])
+    pairs = u[:, 0::2] | (u[:, 1::2] << 4)  # [N', K/2]: even k low nibble
+    w = pairs.view(-1, 16, K // 2).transpose(1, 2).contiguous()
+    s = sc.view(-1, 16, K // group).transpose(1, 2).contiguous()
+    return Int4Packed(w, s, N, K, group)
+
+
+def int4_linear(x: torch.Tensor, packed: Int4Packed, lib=None) -> torch.Tensor:
+    """bf16(x) [..., K] @ (q * scale).T -> fp32 [..., N] holding BF16 values."""
+    lib = lib or _load()
+    if lib is None:
+        raise RuntimeError("native kernels are unavailable")
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    M, K = flat.shape
+    if K != packed.k:
+        raise ValueError(f"int4_linear: input has {K} features, the weight {packed.k}")
+    y = torch.empty(M, packed.n, dtype=torch.float32)
+    if M and lib.qatctl_int4_linear(flat.data_ptr(), packed.w.data_ptr(), packed.s.data_ptr(), y.data_ptr(), M,
+                                    packed.n, packed.w.shape[0], K, packed.group, torch.get_num_threads()):
+        raise MemoryError(f"int4_linear: no memory for a [{M}, {K}] BF16 input")
+    return y.reshape(*x.shape[:-1], packed.n)
+
+
+class _DecLayer(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p * 4), ("s", ctypes.c_void_p * 4), ("nb", ctypes.c_int64 * 4),
+                ("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p)]
+
+
+class _DecDims(ctypes.Structure):
+    _fields_ = [(k, ctypes.c_int64) for k in ("L", "H", "nh", "nkv", "hd", "I", "G", "len_alloc")] + \
+               [("eps", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+
+
+class DecodePlan:
+    """The engine's decode step as one native call (native.c qatctl_decode): every layer of a dense
+    Llama / Qwen3 decoder whose linears are all native W4A16 on the CPU. `plan(engine)` returns None
+    where that does not hold (MoE, another kernel, a head_dim the C code does not take)."""
+
+    KEYS = ("qkv", "o", "gate_up", "down")
+
+    def __init__(self, engine, lib):
+        self.lib, self.engine = lib, engine
+        layers = engine.layers
+        self.layers = (_DecLayer * len(layers))()
+        for dst, layer in zip(self.layers, layers, strict=True):
+            for i, key in enumerate(self.KEYS):
+                p = layer[key].native
+                dst.w[i], dst.s[i], dst.nb[i] = p.w.data_ptr(), p.s.data_ptr(), p.w.shape[0]
+            dst.in_norm, dst.post_norm = layer["in_norm"].data_ptr(), layer["post_norm"].data_ptr()
+            dst.q_norm = layer["q_norm"].data_ptr() if "q_norm" in layer else None
+            dst.k_norm = layer["k_norm"].data_ptr() if "k_norm" in layer else None
+        first = layers[0]
+        self.dims = _DecDims(L=len(layers), H=engine.hidden, nh=engine.n_heads, nkv=engine.n_kv, hd=engine.head_dim,
+                             I=first["down"].in_features, G=first["qkv"].group_size, len_alloc=0, eps=engine.eps,
+                             cos=engine.cos.data_ptr(), sin=engine.sin_signed.data_ptr())
+
+    @classmethod
+    def plan(cls, engine):
+        lib = _load()
+        if lib is None or engine.device.type != "cpu" or engine.head_dim % 16 or engine.head_dim > 512 \
+                or engine.n_heads % engine.n_kv:
+            return None
+        for layer in engine.layers:
+            if any(key not in layer or getattr(layer[key], "native", None) is None for key in cls.KEYS):
+                return None
+        if not (engine.cos.is_contiguous() and engine.sin_signed.is_contiguous()):
+            return None
+        return cls(engine, lib)
+
+    def pool(self, cache: list):
+        """The KV pool's pointers and this step's dims (a DecodeBatch keeps them until its pool grows)."""
+        K0 = cache[0][0]
+        if len(cache) != self.dims.L or any(
+                not (k.is_contiguous() and v.is_contiguous() and k.shape == K0.shape == v.shape
+                     and k.dtype == v.dtype == torch.float32) for k, v in cache):
+            raise ValueError("decode: the KV pool must be one contiguous fp32 tensor of one shape per layer and kind")
+        dims = _DecDims.from_buffer_copy(self.dims)
+        dims.len_alloc = K0.shape[2]
+        return (ctypes.c_void_p * (2 * len(cache)))(*[t.data_ptr() for kv in cache for t in kv]), dims, K0.shape[0]
+
+    def __call__(self, x: torch.Tensor, pool, rows: list[int], positions: list[int]) -> torch.Tensor:
+        """x [M, hidden] fp32 (the new tokens' embeddings) -> the last layer's output [M, hidden];
+        row m's k, v are written to the pool at [rows[m], :, positions[m]] of every layer."""
+        ptrs, dims, n_rows = pool
+        x = x.to(torch.float32).contiguous().clone()
+        M = x.shape[0]
+        if len(rows) != M or len(positions) != M or not all(0 <= r < n_rows for r in rows) \
+                or not all(0 <= p < dims.len_alloc for p in positions):
+            raise ValueError("decode: rows or positions outside the KV pool")
+        rows_t = torch.tensor(rows, dtype=torch.int64)
+        pos_t = torch.tensor(positions, dtype=torch.int64)
+        if self.lib.qatctl_decode(ctypes.addressof(self.layers), ptrs, ctypes.addressof(dims), x.data_ptr(),
+                                  rows_t.data_ptr(), pos_t.data_ptr(), M, torch.get_num_threads()):
+            raise MemoryError("decode: no memory for the step's buffers")
+        return x
