@@ -2,10 +2,13 @@
 
     python bench/engine.py          (make bench)
 
-Decode tokens/s at batch 1, 8, 32 for the INT4 engine, the same engine with dense BF16 and
-fp32 weights, and HF `generate` (fp32, fake-quant weights); prefill tokens/s; peak RSS; the
-copy bandwidth measured in the same run and the bytes read per decoded token, for the
-bandwidth roofline. Writes docs/benchmarks.md#engine.
+Decode tokens/s at batch 1, 8, 32, 64 for the INT4 engine as shipped and with each native part
+taken away (pure torch -> native lm_head -> native W4A16 kernel -> fused decode step), the same
+weights run dense BF16 and fp32, and HF `generate` (fp32, fake-quant weights); prefill tokens/s;
+batch 1 through `qatctl serve`; llama.cpp's llama-bench on the same GGUF when LLAMA_BENCH names
+a binary (at the same thread count and at 1); where a token's time goes; peak RSS; the read
+bandwidth measured in the same run and the bytes read per decoded token, for the roofline.
+Writes docs/benchmarks.md#engine.
 """
 
 from __future__ import annotations
@@ -123,111 +126,139 @@ def cpu_flags() -> str:
     return " ".join(f for f in keep if f in flags) or "none of " + ", ".join(keep)
 
 
-BREAKDOWN = {"INT4 linears": ("aten::_weight_int4pack_mm_for_cpu",),
-             "lm_head (oneDNN path)": ("mkldnn::_linear_pointwise", "aten::mm"),
-             "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm", "aten::_softmax")}
-
-
 def decode_breakdown(engine) -> dict[str, float]:
-    """Milliseconds per decoded token at batch 1 by op group (torch.profiler self CPU time)."""
-    from torch.profiler import profile
+    """Milliseconds per decoded token at batch 1: the fused native step (all 30 layers), the
+    lm_head, and the rest (embedding, final norm, sampling, Python), each timed directly."""
+    from qatctl.engines.batch import DecodeBatch
 
-    with profile() as prof:
-        engine.generate([list(range(100, 116))], SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True))
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    out = {k: sum(e.self_cpu_time_total for e in events if e.key in ops) for k, ops in BREAKDOWN.items()}
-    out["everything else (norms, RoPE, casts, cache, sampling)"] = total - sum(out.values())
-    out = {k: v / 1e3 / NEW for k, v in out.items()}
-    if engine.lm_head.bf16 is not None:  # a native call: not a torch op, timed directly
-        h = torch.randn(1, engine.hidden)
+    total = 1e3 / decode_rate(engine, 1, NEW)
+    batch = DecodeBatch(engine)
+    seq = batch.add(list(range(100, 116)), SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True))
+    x = engine.embed[torch.tensor([7])]
+    pool = engine.decode_plan.pool(batch.cache)
+    engine.decode_plan(x, pool, [seq.row], [seq.length])
+    t = time.perf_counter()
+    for _ in range(20):
+        engine.decode_plan(x, pool, [seq.row], [seq.length])
+    step = (time.perf_counter() - t) / 20 * 1e3
+    h = torch.randn(1, engine.hidden)
+    engine._logits(h)
+    t = time.perf_counter()
+    for _ in range(20):
         engine._logits(h)
-        t = time.perf_counter()
-        for _ in range(20):
-            engine._logits(h)
-        out["lm_head (native BF16-read)"] = (time.perf_counter() - t) / 20 * 1e3
-        out.pop("lm_head (oneDNN path)")
+    head = (time.perf_counter() - t) / 20 * 1e3
+    return {"fused decode step, 30 layers (W4A16 linears, norms, RoPE, attention)": step,
+            f"lm_head ({engine.lm_head.kernel.split(' (')[0]})": head,
+            "everything else (embedding, final norm, sampling, Python)": max(total - step - head, 0.0),
+            "total": total}
+
+
+def variants(int4: Path) -> dict[str, EmbeddedEngine]:
+    """The INT4 engine as shipped and with each native part taken away, oldest path first, so each
+    step's gain is measured in this run: pure torch (aten int4 kernel, oneDNN fp32 lm_head, torch
+    forward) -> + native BF16-read lm_head -> + native W4A16 kernel -> + fused decode step."""
+    from qatctl.engines import kernels
+    from qatctl.engines.embedded import RowInvariantLinear
+
+    out = {}
+    if kernels.available():
+        real = kernels.available
+        kernels.available = lambda: False
+        try:
+            out["int4, pure torch (aten int4, oneDNN fp32 lm_head)"] = EmbeddedEngine.load(int4, weights="int4")
+            head = EmbeddedEngine.load(int4, weights="int4")
+        finally:
+            kernels.available = real
+        head.lm_head = RowInvariantLinear(head.embed, head.device)
+        out["int4, + native BF16-read lm_head"] = head
+        unfused = EmbeddedEngine.load(int4, weights="int4")
+        unfused.decode_plan = None
+        out["int4, + native W4A16 kernel (torch forward)"] = unfused
+    out["int4, + fused native decode step (shipped)"] = EmbeddedEngine.load(int4, weights="int4")
     return out
 
 
 def main() -> None:
+    from bench.serve import batch1
+    from qatctl.engines import kernels
+
     ckpt, int4 = RUNS / "smollm2-init", RUNS / "smollm2-int4"
     init_qat.run(init_qat.InitQatConfig(model="smollm2-135m", out=ckpt))
     convert_int4.run(convert_int4.ConvertInt4Config(ckpt=ckpt, out=int4))
     threads = torch.get_num_threads()
     bw, read_bw = copy_bandwidth(), read_bandwidth()
-    engines = {w: EmbeddedEngine.load(int4, weights=w) for w in ("int4", "fp32", "bf16")}
-    from qatctl.engines import kernels
-
-    native = kernels.available()
-    if native:  # the same INT4 engine with the pure-torch fp32 lm_head: what the native kernel bought
-        real = kernels.available
-        kernels.available = lambda: False
-        engines["int4, fp32 oneDNN lm_head (pure-torch path)"] = EmbeddedEngine.load(int4, weights="int4")
-        kernels.available = real
-    rows = []
+    engines = variants(int4)
+    shipped = engines["int4, + fused native decode step (shipped)"]
+    engines.update({f"dense {w}": EmbeddedEngine.load(int4, weights=w) for w in ("fp32", "bf16")})
+    batches = (1, 8, 32, 64)
+    rows = {}
     for name, eng in engines.items():
-        new = NEW if name != "bf16" else 8  # BF16 dense prefill/decode is slow at large M on AVX2
-        rates = {b: decode_rate(eng, b, new) for b in (1, 8, 32)}
-        rows.append((f"engine {name} ({eng.kernel}; lm_head {eng.lm_head.kernel.split(' (')[0]})", rates,
-                     prefill_rate(eng), eng.weight_bytes))
+        rows[name] = ({b: decode_rate(eng, b, NEW) for b in batches}, prefill_rate(eng), eng)
     hf = {b: hf_rate(ckpt, b, NEW if b > 1 else 16) for b in (1, 8)}
-    rows.append(("HF generate fp32 (fake-quant weights)", hf, None, None))
-    parts = decode_breakdown(engines["int4"])
+    parts = decode_breakdown(shipped) if shipped.decode_plan is not None else {}
+    in_process, served = batch1(shipped, int4)
     torch.set_num_threads(1)
-    one = {"int4": decode_rate(engines["int4"], 1, NEW), "hf": hf_rate(ckpt, 1, 16)}
+    one = {"int4": decode_rate(shipped, 1, NEW), "hf": hf_rate(ckpt, 1, 16)}
     peer_one = llama_bench(1)
     torch.set_num_threads(threads)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peer = llama_bench(threads)
 
-    lm_head = engines["int4"].lm_head.nbytes
-    per_token = engines["int4"].weight_bytes + lm_head
+    lm_head = shipped.lm_head.nbytes
+    per_token = shipped.weight_bytes + lm_head
     roofline = read_bw / per_token
-    int4_b1 = rows[0][1][1]
-    dense_b1 = max(rows[1][1][1], rows[2][1][1])
+    int4 = rows["int4, + fused native decode step (shipped)"][0]
+    bf16, bf16_pre = rows["dense bf16"][0], rows["dense bf16"][1]
+    int4_pre = rows["int4, + fused native decode step (shipped)"][1]
     lines = [f"## Engine decode on SmolLM2-135M ({datetime.date.today()})", "",
-             f"Machine: {machine()}; CPU flags: {cpu_flags()}. Greedy, prompt 16 tokens, {NEW} new tokens (8 for BF16 dense), "
-             f"prefill timed separately and subtracted. lm_head: {engines['int4'].lm_head.kernel}.", "",
-             "| variant | decode tok/s b=1 | b=8 | b=32 | prefill tok/s (256) | linear weight MB |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, rates, pre, wb in rows:
-        cells = [f"{rates[b]:.1f}" if b in rates else "-" for b in (1, 8, 32)]
-        lines.append(f"| {name} | {' | '.join(cells)} | {f'{pre:.0f}' if pre else '-'} | "
-                     f"{f'{wb / 1e6:.0f}' if wb else '-'} |")
+             f"Machine: {machine()}; CPU flags: {cpu_flags()}; native int4 path: {kernels.isa() or 'none (no compiler)'}. "
+             f"`python bench/engine.py`. Greedy, prompt 16 tokens, {NEW} new tokens, prefill timed separately and "
+             "subtracted; every variant in this one run.", "",
+             "| variant | decode tok/s b=1 | b=8 | b=32 | b=64 | prefill tok/s (256) | linear weight MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, (rates, pre, eng) in rows.items():
+        cells = [f"{rates[b]:.1f}" for b in batches]
+        lines.append(f"| engine {name} | {' | '.join(cells)} | {pre:.0f} | {eng.weight_bytes / 1e6:.0f} |")
+    lines.append(f"| HF generate fp32 (fake-quant weights) | {hf[1]:.1f} | {hf[8]:.1f} | - | - | - | - |")
     if peer:
         lines.append(f"| llama.cpp llama-bench ({peer['type']}, {peer['file']}, build {peer['build']}) | "
-                     f"{peer['decode']:.1f} | - | - | {peer['prefill']:.0f} | - |")
-    lines += ["", f"llama.cpp peer, same run and threads: INT4 engine / llama.cpp at batch 1 = "
-                  f"{int4_b1 / peer['decode']:.2f}x." if peer else
-              "llama.cpp peer: not measured in this run (set LLAMA_BENCH=path/to/llama-bench)."]
-    if native:
-        before = rows[3][1][1]
-        lines += ["", f"What the native BF16-read lm_head bought at batch 1: {int4_b1:.1f} vs {before:.1f} tok/s "
-                      f"({int4_b1 / before:.2f}x) with the fp32 oneDNN lm_head, same run."]
+                     f"{peer['decode']:.1f} | - | - | - | {peer['prefill']:.0f} | - |")
+    lines += ["", "**Batch 1 against llama.cpp, as a client sees it** (same run, same threads; ours: 128 new tokens "
+                  "after a 16-token prompt, best of 3; llama.cpp: tg128):", "",
+              "| | tok/s | vs llama.cpp |", "|---|---:|---:|"]
+    for name, v in (("INT4 engine in process", in_process), ("one /generate at a time through `qatctl serve`", served),
+                    ("llama.cpp llama-bench tg128", peer["decode"] if peer else None)):
+        if v is not None:
+            ratio = f"{v / peer['decode']:.2f}x" if peer else "-"
+            lines.append(f"| {name} | {v:.1f} | {ratio} |")
+    if not peer:
+        lines += ["", "llama.cpp peer: not measured in this run (set LLAMA_BENCH=path/to/llama-bench)."]
+    names = list(rows)
+    if len(names) > 3:
+        lines += ["", "What each native step bought at batch 1 (same run):", ""]
+        for prev, cur in zip(names[:3], names[1:4], strict=True):
+            lines.append(f"- {cur.split(', ', 1)[1]}: {rows[prev][0][1]:.1f} -> {rows[cur][0][1]:.1f} tok/s "
+                         f"({rows[cur][0][1] / rows[prev][0][1]:.2f}x)")
+        lines.append(f"- all together: {rows[names[0]][0][1]:.1f} -> {int4[1]:.1f} tok/s "
+                     f"({int4[1] / rows[names[0]][0][1]:.2f}x)")
     lines += ["", f"With 1 thread: INT4 engine {one['int4']:.1f} tok/s, HF generate {one['hf']:.1f} tok/s (batch 1)"
                   + (f", llama.cpp {peer_one['decode']:.1f} tok/s ({one['int4'] / peer_one['decode']:.2f}x)."
-                     if peer_one else "."), "",
-              "Where a decoded token's time goes (INT4 engine, batch 1, torch.profiler self CPU time; the "
-              "profiler's own overhead inflates the small ops):", "",
-              "| part | ms / token |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in parts.items()]
+                     if peer_one else ".")]
+    if parts:
+        lines += ["", "Where a decoded token's time goes (shipped INT4 engine, batch 1, each part timed directly):", "",
+                  "| part | ms / token |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in parts.items()]
     lines += ["",
+              "Rollout batch sizes, INT4 (shipped) vs the dense BF16 engine, same run: "
+              + ", ".join(f"batch {b} {int4[b]:.0f} vs {bf16[b]:.0f} tok/s ({int4[b] / bf16[b]:.2f}x)" for b in batches)
+              + f"; prefill {int4_pre:.0f} vs {bf16_pre:.0f} tok/s ({int4_pre / bf16_pre:.2f}x).",
+              "",
               f"- Bandwidth in this run: streaming read {read_bw / 1e9:.1f} GB/s, copy {bw / 1e9:.1f} GB/s "
               f"(read+write). Bytes read per decoded token: {per_token / 1e6:.0f} MB "
-              f"({engines['int4'].weight_bytes / 1e6:.0f} MB INT4 linears + {lm_head / 1e6:.0f} MB lm_head) "
-              f"-> roofline {roofline:.0f} tok/s at batch 1; the INT4 engine reaches {int4_b1 / roofline:.0%} of it.",
-              f"- Ratios at batch 1 ({threads} threads): INT4 / HF generate fp32 in this run = {int4_b1 / hf[1]:.1f}x "
-              f"(and {int4_b1 / 12:.1f}x the brief's 12 tok/s); INT4 / fastest dense engine = "
-              f"{int4_b1 / dense_b1:.2f}x.",
-              f"- Peak RSS of the benchmark process: {rss:.0f} MB.",
-              "- Limits: the INT4 kernel (torch's) reaches about half the streaming bandwidth on these small "
-              "matrices (its unpacking is compute-bound); the rest is per-op overhead of ~40 small ops x 30 "
-              "layers. The lm_head (tied embeddings, 49152 x 576) is read as BF16 by the native kernel "
-              "when one could be built (57 MB instead of 113).",
-              f"- Batch 32: dense BF16 {rows[2][1][32]:.0f} tok/s vs INT4 {rows[0][1][32]:.0f} "
-              f"({rows[0][1][32] / rows[2][1][32]:.2f}x). The INT4 kernel's unpacking grows with the rows; the "
-              "engine stays on the 4-bit kernel (issue 14 rules out a dense copy made at load)."]
+              f"({shipped.weight_bytes / 1e6:.0f} MB INT4 linears with scales + {lm_head / 1e6:.0f} MB lm_head) "
+              f"-> roofline {roofline:.0f} tok/s at batch 1; the INT4 engine reaches {int4[1] / roofline:.0%} of it.",
+              f"- INT4 / HF generate fp32 at batch 1 ({threads} threads): {int4[1] / hf[1]:.1f}x.",
+              f"- Peak RSS of the benchmark process: {rss:.0f} MB."]
     write_section("engine", lines)
 
 

@@ -51,8 +51,9 @@ def test_engine_lm_head_runs_native_when_weights_are_bf16(tiny_pairs):
 
 
 def test_fallback_forced_by_env_gives_the_same_tokens(tiny_pairs):
-    """QATCTL_NO_NATIVE=1: the oneDNN fp32 lm_head; greedy tokens equal the native path's and
-    logprobs agree within fp32 summation-order rounding."""
+    """QATCTL_NO_NATIVE=1: aten's int4 kernel, the oneDNN fp32 lm_head and the torch forward;
+    greedy tokens equal the native path's. Logprobs agree within BF16 rounding: aten multiplies by
+    q * scale unrounded, the native kernel by the training view's bf16(q * scale)."""
     prompts = [list(range(5, 20)), list(range(30, 41))]
     code = f"""
 import json, sys
@@ -76,19 +77,18 @@ print(json.dumps({{"kernel": eng.info()["lm_head_kernel"], "int4": eng.kernel, "
         assert runs["0"]["int4"].startswith("native W4A16") and runs["0"]["fused"]
     assert runs["0"]["ids"] == runs["1"]["ids"]
     for a, b in zip(runs["0"]["lps"], runs["1"]["lps"], strict=True):
-        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.02
     eng = load_engine(tiny_pairs["tiny-llama"][1])
     assert eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))[0].output_ids \
         == runs["0"]["ids"][0]
 
 
 def _int4_case(n, k, group, seed):
-    from qatctl.quant import QuantScheme, quantize
+    from qatctl.quant import QuantScheme, dequant, quantize
 
     g = torch.Generator().manual_seed(seed)
     q, scale = quantize(torch.randn(n, k, generator=g) * 0.05, QuantScheme(group_size=group))
-    exact = q.double() * scale.double().repeat_interleave(group, dim=1)  # q * scale, not rounded to BF16
-    return q, scale, exact, torch.randn(64, k, generator=g)
+    return q, scale, dequant(q, scale, group).double(), torch.randn(64, k, generator=g)
 
 
 @native
@@ -100,9 +100,9 @@ def test_int4_linear_matches_dense_and_is_row_and_thread_invariant(n, k, group):
     got = kernels.int4_linear(x, packed)
     xb = x.bfloat16().double()
     ref = xb @ w.t()
-    # as aten's int4 kernel: BF16 x times q * scale in fp32 (x * q is exact, scaled once per group),
-    # fp32 sums in a fixed order, then one rounding of the output to BF16
-    bound = 2**-8 * ref.abs() + k * 2**-22 * (xb.abs() @ w.abs().t()) + 1e-7
+    # the training view's weight bf16(q * scale) to the bit: BF16 x BF16 products are exact, fp32
+    # sums in a fixed order, then one rounding of the output to BF16
+    bound = 2**-8 * ref.abs() + k * 2**-23 * (xb.abs() @ w.abs().t()) + 1e-7
     assert ((got.double() - ref).abs() <= bound).all()
     assert torch.equal(got, got.bfloat16().float())  # BF16 values, as a W4A16 kernel returns
     alone = torch.cat([kernels.int4_linear(r, packed) for r in x.split(1)])
@@ -128,9 +128,9 @@ def test_int4_linear_builds_for_older_cpus_give_the_same_bits(flags):
     assert kernels.isa(lib) == ("avx2+fma" if "-mno-avx2" not in flags else "portable C")
     for n, k, group in [(960, 576, 64), (37, 256, 128), (100, 96, 32)]:
         q, scale, _, x = _int4_case(n, k, group, 7 * n)
-        packed = kernels.pack_int4(q, scale, group)
+        packed, theirs = kernels.pack_int4(q, scale, group), kernels.pack_int4(q, scale, group, lib)
         for m in (1, 5, 64):
-            assert torch.equal(kernels.int4_linear(x[:m], packed, lib), kernels.int4_linear(x[:m], packed)), (n, m)
+            assert torch.equal(kernels.int4_linear(x[:m], theirs, lib), kernels.int4_linear(x[:m], packed)), (n, m)
 
 
 @native

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from conftest import REPO, make_pair
+from qatctl.engines import load_engine
 
 
 def free_port() -> int:
@@ -66,7 +67,11 @@ def test_health_models_info(server, tiny_pairs):
     models = httpx.get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == tiny_pairs["tiny-llama"][1].name
     info = httpx.get(server.url + "/get_model_info").json()
-    assert info["kernel"] == "aten._weight_int4pack_mm_for_cpu" and info["model_path"] == str(tiny_pairs["tiny-llama"][1])
+    from qatctl.engines import kernels
+
+    assert info["kernel"] == load_engine(tiny_pairs["tiny-llama"][1]).kernel
+    assert info["kernel"].startswith("native W4A16" if kernels.available() else "aten._weight_int4pack_mm_for_cpu")
+    assert info["model_path"] == str(tiny_pairs["tiny-llama"][1])
 
 
 def test_generate_native_with_logprobs(server):

@@ -1,12 +1,16 @@
 """The embedded engine: an in-process Llama / Qwen3 / Qwen3-MoE decoder on a real 4-bit kernel.
 
-Weights of an int4-checkpoint stay 4-bit: each target Linear is repacked at load time for the
-running CPU (`_convert_weight_to_int4pack_for_cpu`, symmetric maps exactly as u = q + 8,
-zero 0) and runs `_weight_int4pack_mm_for_cpu` with BF16 activations. q/k/v and gate/up are
-fused into one kernel call each. Norms, RoPE, attention, softmax and the residual stream run
-in fp32. Generation runs as a continuous batch (qatctl/engines/batch.py): a KV pool of one
-[rows, kv heads, length, head_dim] tensor per layer, sequences joining and leaving at decode
-steps, identical prompts prefilled once (prefix cache, flushed by weight updates).
+Weights of an int4-checkpoint stay 4-bit. On the CPU each target Linear is repacked at load time
+for the native W4A16 kernel (qatctl/engines/native.c, compiled for the running CPU: vdpbf16ps on
+AVX512-BF16, FMAs on AVX2, plain C elsewhere, the same bits on each), or, without a C compiler
+(or with QATCTL_NO_NATIVE=1), for torch's `_weight_int4pack_mm_for_cpu` (symmetric q maps exactly
+as u = q + 8, zero 0). Both take BF16 activations and return BF16 values. q/k/v and gate/up are
+fused into one kernel call each. Norms, RoPE, attention, softmax and the residual stream run in
+fp32. A decode step of a dense model on the native kernel is one native call for all layers
+(kernels.DecodePlan); prefill, MoE and the fallback run the torch forward below. Generation runs
+as a continuous batch (qatctl/engines/batch.py): a KV pool of one [rows, kv heads, length,
+head_dim] tensor per layer, sequences joining and leaving at decode steps, identical prompts
+prefilled once (prefix cache, flushed by weight updates).
 
 On CUDA (device auto or cuda) the same code runs on the GPU: the int4 linears on tinygemm
 (`_weight_int4pack_mm`, packing proven against the dense matmul at load), the lm_head as fixed
@@ -14,11 +18,11 @@ chunks of cuBLAS fp32 matmul; sampling stays on the CPU. Not yet measured on a G
 batch invariance there is not established.
 
 Batch invariance (CPU): a sequence's tokens and logprobs do not depend on what it is batched with.
-The int4 kernel is row-invariant in M; prefill runs each prompt alone; attention runs over
-each row's own length (rows of equal length share one call); the fp32 lm_head and MoE router
-run as RowInvariantLinear (a oneDNN prepacked fp32 linear, checked row-invariant at load, else
-fixed chunks of CHUNK_ROWS rows, since MKL's sgemm result for a row depends on M); sampling uses
-a generator per row.
+The int4 kernels are row-invariant in M; prefill runs each prompt alone; attention runs over each
+row's own length (the fused step: one task per row and head; the torch path: rows of equal length
+share one call); the lm_head and MoE router run as RowInvariantLinear (the native BF16-read kernel,
+or a oneDNN prepacked fp32 linear checked row-invariant at load, else fixed chunks of CHUNK_ROWS
+rows, since MKL's sgemm result for a row depends on M); sampling uses a generator per row.
 """
 
 from __future__ import annotations

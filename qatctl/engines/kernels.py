@@ -91,6 +91,7 @@ def library(extra_flags: tuple[str, ...] = ()):
         lib.qatctl_int4_linear.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
         lib.qatctl_int4_linear.restype = ctypes.c_int
         lib.qatctl_int4_isa.restype = ctypes.c_char_p
+        lib.qatctl_int4_layout.restype = ctypes.c_int
         lib.qatctl_decode.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int]
         lib.qatctl_decode.restype = ctypes.c_int
         _libs[extra_flags] = lib
@@ -149,8 +150,9 @@ class Int4Packed:
         return self.w.numel() + self.s.numel() * 4
 
 
-def pack_int4(q: torch.Tensor, scale: torch.Tensor, group: int) -> Int4Packed:
-    """q int [N, K] in [-8, 7] and its scales [N, K/group] (BF16 values) -> Int4Packed."""
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, group: int, lib=None) -> Int4Packed:
+    """q int [N, K] in [-8, 7] and its scales [N, K/group] (BF16 values) -> Int4Packed, in the nibble
+    layout the build reads (native.c: 0, or 1 on the AVX512-BF16 path)."""
     N, K = q.shape
     if K % 2 or group % 2 or K % group or scale.shape != (N, K // group):
         raise ValueError(f"pack_int4: a [{N}, {K}] weight with group {group} and scales {tuple(scale.shape)}")
@@ -160,8 +162,14 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, group: int) -> Int4Packed:
     if pad:
         u = torch.cat([u, u.new_full((pad, K), 8)])  # q = 0
         sc = torch.cat([sc, sc.new_zeros(pad, K // group)])
-    pairs = u[:, 0::2] | (u[:, 1::2] << 4)  # [N', K/2]: even k low nibble
-    w = pairs.view(-1, 16, K // 2).transpose(1, 2).contiguous()
+    lib = lib or _load()
+    if lib is not None and lib.qatctl_int4_layout() == 1:
+        # [NB, 16 columns, K/2 pairs, 2] -> per pair 16 bytes: (column i/2, k parity i%2) low, column 8 + i/2 high
+        blocks = u.view(-1, 16, K // 2, 2).permute(0, 2, 1, 3)  # [NB, K/2, 16, 2]
+        w = (blocks[:, :, :8].reshape(-1, K // 2, 16) | (blocks[:, :, 8:].reshape(-1, K // 2, 16) << 4)).contiguous()
+    else:
+        pairs = u[:, 0::2] | (u[:, 1::2] << 4)  # [N', K/2]: even k low nibble
+        w = pairs.view(-1, 16, K // 2).transpose(1, 2).contiguous()
     s = sc.view(-1, 16, K // group).transpose(1, 2).contiguous()
     return Int4Packed(w, s, N, K, group)
 

@@ -83,17 +83,18 @@ void qatctl_bf16_linear(const float *x, const uint16_t *wp, float *y, int64_t M,
 
 /* ------------------------------------------------------------------ W4A16 linear
 
-   y = bf16(x) @ (q * scale).T, rounded to BF16 (what a W4A16 kernel with BF16 activations returns).
-   Weight packed per block of 16 output columns ([NB][K/2][16] bytes): byte j of pair p holds
-   q[n, 2p] + 8 in its low nibble and q[n, 2p + 1] + 8 in its high nibble, n = 16 nb + j; NB is a
-   multiple of 4 (zero columns pad N). Scales [NB][K/G][16] fp32 (BF16 values).
+   y = bf16(x) @ w.T with w = bf16(q * scale), the training view's dequantized weight
+   (qatctl.quant.dequant) to the bit, rounded to BF16 at the end (what a W4A16 kernel with BF16
+   activations returns). Weight packed per block of 16 output columns ([NB][K/2][16] bytes); in
+   layout 0 byte j of pair p holds q[n, 2p] + 8 in its low nibble and q[n, 2p + 1] + 8 in its high
+   nibble, n = 16 nb + j (layout 1: see the AVX512-BF16 path); NB is a multiple of 4 (zero columns
+   pad N). Scales [NB][K/G][16] fp32 (BF16 values).
 
-   Per output, per group g: a = 0; for each pair p of the group, in order:
-       a = fma(x[2p+1], q[2p+1], a); a = fma(x[2p], q[2p], a)
-   then acc = fma(a, scale[g], acc); y = bf16(acc). Every product of a BF16 x and an integer q in
-   [-8, 7] is exact in fp32. The chain is the order of AVX512-BF16's vdpbf16ps (odd element, then
-   even, each a fused multiply-add), so the AVX512-BF16, AVX2 and plain C paths agree bit for bit
-   (up to vdpbf16ps's flushing of BF16 denormals, ~1e-38). */
+   Each output is one chain over the pairs p = 0 .. K/2 - 1, in order:
+       acc = fma(x[2p+1], w[2p+1], acc); acc = fma(x[2p], w[2p], acc)
+   and y = bf16(acc). Every product of two BF16 numbers is exact in fp32. The chain is the order of
+   AVX512-BF16's vdpbf16ps (odd element, then even, each a fused multiply-add), so the AVX512-BF16,
+   AVX2 and plain C paths agree bit for bit (up to vdpbf16ps's flushing of BF16 denormals, ~1e-38). */
 
 typedef struct { const uint16_t *x; const uint8_t *w; const float *s; float *y; int64_t M, N, K, G; } I4Args;
 
@@ -102,33 +103,39 @@ typedef struct { const uint16_t *x; const uint8_t *w; const float *s; float *y; 
 #define I4_BIG_R 8
 #define I4_BIG_CB 2
 #define I4_SMALL_CB 4
+#define I4_LAYOUT 1
+/* Layout 1 (this path's packing): byte i of pair p holds in its low nibble q + 8 of column i/2 and
+   in its high nibble that of column 8 + i/2, at k = 2p + i%2. Looked up as floats and times the
+   columns' scales (each scale in two adjacent lanes), the low and the high nibbles are the two
+   halves that vdpbf16ps pairs with the broadcast (x[2p], x[2p+1]) once converted to BF16 (round
+   to nearest even) by one vcvtne2ps2bf16. */
 #define I4_BLOCK(R, CB)                                                                                          \
 static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {                                      \
     const int64_t K = a->K, G = a->G, NG = K / G, KP = K / 2;                                                     \
-    const __m512i tab = _mm512_setr_epi32(0xC0E0C100, 0xC0A0C0C0, 0xC040C080, 0xBF80C000, 0x3F800000,             \
-                                          0x40404000, 0x40A04080, 0x40E040C0, 0, 0, 0, 0, 0, 0, 0, 0);          \
-    const __m512i m4 = _mm512_set1_epi32(0x0F), m4h = _mm512_set1_epi32(0x000F0000);                            \
+    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);                    \
+    const __m512i lo8 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);                         \
+    const __m512i hi8 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);            \
     const int32_t *xp = (const int32_t *)a->x;                                                                   \
     __m512 acc[R][CB];                                                                                           \
     for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) acc[r][c] = _mm512_setzero_ps();                    \
     for (int64_t g = 0; g < NG; g++) {                                                                           \
-        __m512 ga[R][CB];                                                                                        \
-        for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) ga[r][c] = _mm512_setzero_ps();                 \
+        __m512 slo[CB], shi[CB];                                                                                 \
+        for (int c = 0; c < CB; c++) {                                                                           \
+            const __m512 s = _mm512_loadu_ps(a->s + ((nb0 + c) * NG + g) * 16);                                  \
+            slo[c] = _mm512_permutexvar_ps(lo8, s);                                                              \
+            shi[c] = _mm512_permutexvar_ps(hi8, s);                                                              \
+        }                                                                                                        \
         for (int64_t p = g * G / 2; p < (g + 1) * G / 2; p++) {                                                  \
             __m512bh w[CB];                                                                                      \
             for (int c = 0; c < CB; c++) {                                                                       \
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a->w + ((nb0 + c) * KP + p) * 16))); \
-                __m512i idx = _mm512_ternarylogic_epi32(_mm512_and_si512(v, m4), _mm512_slli_epi32(v, 12), m4h, 0xF8); \
-                w[c] = (__m512bh)_mm512_permutexvar_epi16(idx, tab);                                            \
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a->w + ((nb0 + c) * KP + p) * 16))); \
+                w[c] = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), shi[c]), \
+                                           _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), slo[c]));                \
             }                                                                                                    \
             for (int r = 0; r < R; r++) {                                                                        \
                 const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[(m0 + r) * KP + p]);                          \
-                for (int c = 0; c < CB; c++) ga[r][c] = _mm512_dpbf16_ps(ga[r][c], xv, w[c]);                    \
+                for (int c = 0; c < CB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, w[c]);                  \
             }                                                                                                    \
-        }                                                                                                        \
-        for (int c = 0; c < CB; c++) {                                                                           \
-            const __m512 s = _mm512_loadu_ps(a->s + ((nb0 + c) * NG + g) * 16);                                  \
-            for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(ga[r][c], s, acc[r][c]);                     \
         }                                                                                                        \
     }                                                                                                            \
     for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
@@ -139,9 +146,16 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define QATCTL_INT4_ISA "avx2+fma"
+#define I4_LAYOUT 0
 #define I4_BIG_R 2
 #define I4_BIG_CB 2
 #define I4_SMALL_CB 4
+static inline __m256 round_bf16_256(__m256 f) {  /* fp32 -> the nearest BF16 (even on ties), as fp32 */
+    __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
 #define I4_BLOCK(R, CB)                                                                                          \
 static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {                                      \
     const int64_t K = a->K, G = a->G, NG = K / G, KP = K / 2;                                                     \
@@ -150,28 +164,27 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
     __m256 acc[R][CB][2];                                                                                        \
     for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();  \
     for (int64_t g = 0; g < NG; g++) {                                                                           \
-        __m256 ga[R][CB][2];                                                                                     \
-        for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) ga[r][c][0] = ga[r][c][1] = _mm256_setzero_ps(); \
+        __m256 s[CB][2];                                                                                         \
+        for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++)                                                 \
+            s[c][h] = _mm256_loadu_ps(a->s + ((nb0 + c) * NG + g) * 16 + 8 * h);                                  \
         for (int64_t p = g * G / 2; p < (g + 1) * G / 2; p++) {                                                  \
-            __m256 lo[CB][2], hi[CB][2];                                                                         \
+            __m256 we[CB][2], wo[CB][2];                                                                         \
             for (int c = 0; c < CB; c++) {                                                                       \
                 const __m128i b = _mm_loadu_si128((const __m128i *)(a->w + ((nb0 + c) * KP + p) * 16));           \
-                const __m256i v0 = _mm256_cvtepu8_epi32(b), v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));     \
-                lo[c][0] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)), eight);                   \
-                lo[c][1] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, m15)), eight);                   \
-                hi[c][0] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), eight);                    \
-                hi[c][1] = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), eight);                    \
+                const __m256i v[2] = {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))};       \
+                for (int h = 0; h < 2; h++) {                                                                    \
+                    const __m256 qe = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v[h], m15)), eight);      \
+                    const __m256 qo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v[h], 4)), eight);       \
+                    we[c][h] = round_bf16_256(_mm256_mul_ps(qe, s[c][h]));                                       \
+                    wo[c][h] = round_bf16_256(_mm256_mul_ps(qo, s[c][h]));                                       \
+                }                                                                                                \
             }                                                                                                    \
             for (int r = 0; r < R; r++) {                                                                        \
                 const __m256 xe = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p]));                      \
                 const __m256 xo = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p + 1]));                   \
                 for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++)                                         \
-                    ga[r][c][h] = _mm256_fmadd_ps(xe, lo[c][h], _mm256_fmadd_ps(xo, hi[c][h], ga[r][c][h]));     \
+                    acc[r][c][h] = _mm256_fmadd_ps(xe, we[c][h], _mm256_fmadd_ps(xo, wo[c][h], acc[r][c][h]));   \
             }                                                                                                    \
-        }                                                                                                        \
-        for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++) {                                               \
-            const __m256 s = _mm256_loadu_ps(a->s + ((nb0 + c) * NG + g) * 16 + 8 * h);                           \
-            for (int r = 0; r < R; r++) acc[r][c][h] = _mm256_fmadd_ps(ga[r][c][h], s, acc[r][c][h]);            \
         }                                                                                                        \
     }                                                                                                            \
     for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
@@ -183,6 +196,7 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
 }
 #else
 #define QATCTL_INT4_ISA "portable C"
+#define I4_LAYOUT 0
 #define I4_BIG_R 1
 #define I4_BIG_CB 1
 #define I4_SMALL_CB 1
@@ -194,15 +208,16 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
         const uint8_t *wb = a->w + (nb0 + c) * KP * 16;                                                          \
         const uint16_t *xr = a->x + (m0 + r) * K;                                                                \
         for (int64_t g = 0; g < NG; g++) {                                                                       \
-            float ga[16] = {0};                                                                                  \
+            const float *s = a->s + ((nb0 + c) * NG + g) * 16;                                                   \
             for (int64_t p = g * G / 2; p < (g + 1) * G / 2; p++) {                                              \
                 const float xe = bf16_to_f32(xr[2 * p]), xo = bf16_to_f32(xr[2 * p + 1]);                        \
                 for (int j = 0; j < 16; j++) {                                                                   \
                     const uint8_t b = wb[p * 16 + j];                                                            \
-                    ga[j] = fmaf(xe, (float)(b & 15) - 8.0f, fmaf(xo, (float)(b >> 4) - 8.0f, ga[j]));           \
+                    const float we = bf16_to_f32(f32_to_bf16(((float)(b & 15) - 8.0f) * s[j]));                  \
+                    const float wo = bf16_to_f32(f32_to_bf16(((float)(b >> 4) - 8.0f) * s[j]));                  \
+                    acc[j] = fmaf(xe, we, fmaf(xo, wo, acc[j]));                                                 \
                 }                                                                                                \
             }                                                                                                    \
-            for (int j = 0; j < 16; j++) acc[j] = fmaf(ga[j], a->s[((nb0 + c) * NG + g) * 16 + j], acc[j]);       \
         }                                                                                                        \
         i4_store(a, m0 + r, (nb0 + c) * 16, acc);                                                                \
     }                                                                                                            \
@@ -226,6 +241,9 @@ I4_DEFINE(1, I4_BIG_CB)
 #define I4_FN(R, CB) I4_CAT(R, CB, )
 
 const char *qatctl_int4_isa(void) { return QATCTL_INT4_ISA; }
+
+/* Which nibble packing this build reads: 0 as the comment above, 1 as the AVX512-BF16 path's. */
+int qatctl_int4_layout(void) { return I4_LAYOUT; }
 
 /* The tiles of one W4A16 linear as worksharing loops: call inside an omp parallel region. */
 static void i4_run(const I4Args *a, int64_t NB) {
