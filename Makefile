@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/rl.py
+	$(BIN)/python bench/kernel_mismatch.py
 
 clean:
 	rm -rf runs .cache
