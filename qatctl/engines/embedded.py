@@ -64,7 +64,7 @@ class Int4Linear:
         self.group_size = group_size
         self.native = None
         if device.type == "cpu" and kernels.available() and self.in_features % group_size == 0 \
-                and group_size % 2 == 0:
+                and group_size % 2 == 0 and torch.equal(scale.to(torch.bfloat16).float(), scale.float()):
             self.native = kernels.pack_int4(q, scale, group_size)
             self.kernel = f"native W4A16, {kernels.isa()} (qatctl/engines/native.c)"
             self._mm = None

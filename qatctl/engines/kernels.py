@@ -138,7 +138,7 @@ def isa(lib=None) -> str | None:
 @dataclass(frozen=True)
 class Int4Packed:
     """A W4A16 weight as int4_linear reads it: nibbles [NB, K/2, 16] uint8 (NB a multiple of 4) and
-    scales [NB, K/group, 16] fp32; n and k are the real output and input features."""
+    scales [NB, K/group, 16] BF16; n and k are the real output and input features."""
     w: torch.Tensor
     s: torch.Tensor
     n: int
@@ -147,7 +147,7 @@ class Int4Packed:
 
     @property
     def nbytes(self) -> int:
-        return self.w.numel() + self.s.numel() * 4
+        return self.w.numel() + self.s.numel() * self.s.element_size()
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, group: int, lib=None) -> Int4Packed:
@@ -158,7 +158,9 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, group: int, lib=None) -> Int
         raise ValueError(f"pack_int4: a [{N}, {K}] weight with group {group} and scales {tuple(scale.shape)}")
     pad = (-N) % 64
     u = (q.to(torch.int16) + 8).to(torch.uint8)
-    sc = scale.float()
+    sc = scale.to(torch.bfloat16)
+    if not torch.equal(sc.float(), scale.float()):
+        raise ValueError("pack_int4: the scales must be BF16 numbers (as the quantizer writes them)")
     if pad:
         u = torch.cat([u, u.new_full((pad, K), 8)])  # q = 0
         sc = torch.cat([sc, sc.new_zeros(pad, K // group)])

@@ -88,7 +88,7 @@ void qatctl_bf16_linear(const float *x, const uint16_t *wp, float *y, int64_t M,
    activations returns). Weight packed per block of 16 output columns ([NB][K/2][16] bytes); in
    layout 0 byte j of pair p holds q[n, 2p] + 8 in its low nibble and q[n, 2p + 1] + 8 in its high
    nibble, n = 16 nb + j (layout 1: see the AVX512-BF16 path); NB is a multiple of 4 (zero columns
-   pad N). Scales [NB][K/G][16] fp32 (BF16 values).
+   pad N). Scales [NB][K/G][16] BF16.
 
    Each output is one chain over the pairs p = 0 .. K/2 - 1, in order:
        acc = fma(x[2p+1], w[2p+1], acc); acc = fma(x[2p], w[2p], acc)
@@ -96,10 +96,16 @@ void qatctl_bf16_linear(const float *x, const uint16_t *wp, float *y, int64_t M,
    AVX512-BF16's vdpbf16ps (odd element, then even, each a fused multiply-add), so the AVX512-BF16,
    AVX2 and plain C paths agree bit for bit (up to vdpbf16ps's flushing of BF16 denormals, ~1e-38). */
 
-typedef struct { const uint16_t *x; const uint8_t *w; const float *s; float *y; int64_t M, N, K, G; } I4Args;
+typedef struct {
+    const uint16_t *x; const uint8_t *w; const uint16_t *s; float *y; int64_t M, N, K, G;
+    char *scratch;  /* per thread I4_SCRATCH(K) bytes (the expanded-block path), or NULL */
+} I4Args;
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define QATCTL_INT4_ISA "avx512bf16 (vdpbf16ps)"
+static inline __m512 bf16x16(const uint16_t *p) {  /* 16 BF16 numbers -> fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
 #define I4_BIG_R 8
 #define I4_BIG_CB 2
 #define I4_SMALL_CB 4
@@ -121,7 +127,7 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
     for (int64_t g = 0; g < NG; g++) {                                                                           \
         __m512 slo[CB], shi[CB];                                                                                 \
         for (int c = 0; c < CB; c++) {                                                                           \
-            const __m512 s = _mm512_loadu_ps(a->s + ((nb0 + c) * NG + g) * 16);                                  \
+            const __m512 s = bf16x16(a->s + ((nb0 + c) * NG + g) * 16);                                         \
             slo[c] = _mm512_permutexvar_ps(lo8, s);                                                              \
             shi[c] = _mm512_permutexvar_ps(hi8, s);                                                              \
         }                                                                                                        \
@@ -146,6 +152,9 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define QATCTL_INT4_ISA "avx2+fma"
+static inline __m256 bf16x8(const uint16_t *p) {  /* 8 BF16 numbers -> fp32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
 #define I4_LAYOUT 0
 #define I4_BIG_R 2
 #define I4_BIG_CB 2
@@ -166,7 +175,7 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
     for (int64_t g = 0; g < NG; g++) {                                                                           \
         __m256 s[CB][2];                                                                                         \
         for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++)                                                 \
-            s[c][h] = _mm256_loadu_ps(a->s + ((nb0 + c) * NG + g) * 16 + 8 * h);                                  \
+            s[c][h] = bf16x8(a->s + ((nb0 + c) * NG + g) * 16 + 8 * h);                                         \
         for (int64_t p = g * G / 2; p < (g + 1) * G / 2; p++) {                                                  \
             __m256 we[CB][2], wo[CB][2];                                                                         \
             for (int c = 0; c < CB; c++) {                                                                       \
@@ -208,13 +217,13 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
         const uint8_t *wb = a->w + (nb0 + c) * KP * 16;                                                          \
         const uint16_t *xr = a->x + (m0 + r) * K;                                                                \
         for (int64_t g = 0; g < NG; g++) {                                                                       \
-            const float *s = a->s + ((nb0 + c) * NG + g) * 16;                                                   \
+            const uint16_t *s = a->s + ((nb0 + c) * NG + g) * 16;                                                \
             for (int64_t p = g * G / 2; p < (g + 1) * G / 2; p++) {                                              \
                 const float xe = bf16_to_f32(xr[2 * p]), xo = bf16_to_f32(xr[2 * p + 1]);                        \
                 for (int j = 0; j < 16; j++) {                                                                   \
                     const uint8_t b = wb[p * 16 + j];                                                            \
-                    const float we = bf16_to_f32(f32_to_bf16(((float)(b & 15) - 8.0f) * s[j]));                  \
-                    const float wo = bf16_to_f32(f32_to_bf16(((float)(b >> 4) - 8.0f) * s[j]));                  \
+                    const float we = bf16_to_f32(f32_to_bf16(((float)(b & 15) - 8.0f) * bf16_to_f32(s[j])));     \
+                    const float wo = bf16_to_f32(f32_to_bf16(((float)(b >> 4) - 8.0f) * bf16_to_f32(s[j])));     \
                     acc[j] = fmaf(xe, we, fmaf(xo, wo, acc[j]));                                                 \
                 }                                                                                                \
             }                                                                                                    \
@@ -245,9 +254,68 @@ const char *qatctl_int4_isa(void) { return QATCTL_INT4_ISA; }
 /* Which nibble packing this build reads: 0 as the comment above, 1 as the AVX512-BF16 path's. */
 int qatctl_int4_layout(void) { return I4_LAYOUT; }
 
+#if I4_LAYOUT == 1
+/* From I4_EXPAND_MIN rows on (prefill, large decode batches), a block of 16 columns is expanded to
+   its BF16 weight pairs once, into a per-thread buffer, and every row tile reads them from there:
+   the expansion no longer repeats per row tile. The vectors are the ones i4_block computes, used
+   in the same order: the same bits. */
+#define I4_EXPAND_MIN 32
+static void i4_expand(const I4Args *a, int64_t nb, __m512bh *wt) {
+    const int64_t K = a->K, G = a->G, NG = K / G, KP = K / 2;
+    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i lo8 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i hi8 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    for (int64_t g = 0; g < NG; g++) {
+        const __m512 s = bf16x16(a->s + (nb * NG + g) * 16);
+        const __m512 slo = _mm512_permutexvar_ps(lo8, s), shi = _mm512_permutexvar_ps(hi8, s);
+        for (int64_t p = g * G / 2; p < (g + 1) * G / 2; p++) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(a->w + (nb * KP + p) * 16)));
+            wt[p] = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), shi),
+                                        _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), slo));
+        }
+    }
+}
+#define I4_TILE(R)                                                                                               \
+static void i4_tile_##R(const I4Args *a, const __m512bh *wt, int64_t m0, int64_t nb) {                           \
+    const int64_t KP = a->K / 2;                                                                                 \
+    const int32_t *xp = (const int32_t *)a->x + m0 * KP;                                                         \
+    __m512 acc[R];                                                                                               \
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                                    \
+    for (int64_t p = 0; p < KP; p++) {                                                                           \
+        const __m512bh w = wt[p];                                                                                \
+        for (int r = 0; r < R; r++) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(xp[r * KP + p]), w); \
+    }                                                                                                            \
+    for (int r = 0; r < R; r++) {                                                                                \
+        float t[16];                                                                                             \
+        _mm512_storeu_ps(t, acc[r]);                                                                             \
+        i4_store(a, m0 + r, nb * 16, t);                                                                         \
+    }                                                                                                            \
+}
+I4_TILE(16)
+I4_TILE(4)
+I4_TILE(1)
+#define I4_SCRATCH(K) ((size_t)((K) / 2) * sizeof(__m512bh))
+#else
+#define I4_SCRATCH(K) ((size_t)0)
+#endif
+
 /* The tiles of one W4A16 linear as worksharing loops: call inside an omp parallel region. */
 static void i4_run(const I4Args *a, int64_t NB) {
     const int64_t M = a->M;
+#if I4_LAYOUT == 1
+    if (M >= I4_EXPAND_MIN && a->scratch) {
+        __m512bh *buf = (__m512bh *)(a->scratch + (size_t)omp_thread() * I4_SCRATCH(a->K));
+        #pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < NB; nb++) {
+            i4_expand(a, nb, buf);
+            int64_t m = 0;
+            for (; m + 16 <= M; m += 16) i4_tile_16(a, buf, m, nb);
+            for (; m + 4 <= M; m += 4) i4_tile_4(a, buf, m, nb);
+            for (; m < M; m++) i4_tile_1(a, buf, m, nb);
+        }
+        return;
+    }
+#endif
     const int64_t big = M >= I4_BIG_R ? M - M % I4_BIG_R : 0;
     if (big) {
         #pragma omp for schedule(static) collapse(2)
@@ -268,15 +336,22 @@ static void i4_run(const I4Args *a, int64_t NB) {
 
 /* x fp32 [M, K] (rounded to BF16 here), w and s packed as above with NB blocks, y fp32 [M, N].
    Returns 0, or 1 when the BF16 copy of x cannot be allocated. */
-int qatctl_int4_linear(const float *x, const uint8_t *w, const float *s, float *y, int64_t M, int64_t N,
+int qatctl_int4_linear(const float *x, const uint8_t *w, const uint16_t *s, float *y, int64_t M, int64_t N,
                        int64_t NB, int64_t K, int64_t G, int nthreads) {
     uint16_t *xb = malloc((size_t)(M * K) * sizeof(uint16_t));
-    if (!xb) return 1;
+    const size_t per_thread = I4_SCRATCH(K);
+    char *scratch = per_thread ? aligned_alloc(64, (size_t)nthreads * per_thread) : NULL;
+    if (!xb || (per_thread && !scratch)) {
+        free(xb);
+        free(scratch);
+        return 1;
+    }
     for (int64_t i = 0; i < M * K; i++) xb[i] = f32_to_bf16(x[i]);
-    const I4Args a = {xb, w, s, y, M, N, K, G};
+    const I4Args a = {xb, w, s, y, M, N, K, G, scratch};
     #pragma omp parallel num_threads(nthreads)
     i4_run(&a, NB);
     free(xb);
+    free(scratch);
     return 0;
 }
 
@@ -294,7 +369,7 @@ int qatctl_int4_linear(const float *x, const uint8_t *w, const float *s, float *
 
 typedef struct {
     const uint8_t *w[4];  /* qkv, o, gate_up, down: packed as for qatctl_int4_linear */
-    const float *s[4];
+    const uint16_t *s[4];
     int64_t nb[4];
     const float *in_norm, *post_norm, *q_norm, *k_norm;  /* q_norm, k_norm NULL when absent */
 } DecLayer;
@@ -364,7 +439,9 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
     float *gu = malloc((size_t)(M * 2 * I) * sizeof(float));
     float *out = malloc((size_t)(M * H) * sizeof(float));
     float *scores = malloc((size_t)(nthreads * (maxpos + 1 + 16)) * sizeof(float));
-    int failed = !hb || !qkv || !gu || !out || !scores;
+    const size_t per_thread = I4_SCRATCH(widest);
+    char *scratch = per_thread ? aligned_alloc(64, (size_t)nthreads * per_thread) : NULL;
+    int failed = !hb || !qkv || !gu || !out || !scores || (per_thread && !scratch);
     if (!failed) {
         #pragma omp parallel num_threads(nthreads)
         {
@@ -374,7 +451,7 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                 float *Kc = kv[2 * l], *Vc = kv[2 * l + 1];
                 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++) rms_to_bf16(x + m * H, ly->in_norm, hb + m * H, H, d->eps);
-                I4Args a = {hb, ly->w[0], ly->s[0], qkv, M, nqkv, H, d->G};
+                I4Args a = {hb, ly->w[0], ly->s[0], qkv, M, nqkv, H, d->G, scratch};
                 i4_run(&a, ly->nb[0]);
                 /* q and k heads: norm, RoPE; k and v into the cache */
                 #pragma omp for schedule(static)
@@ -430,14 +507,14 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                     }
                     for (int64_t i = 0; i < hd; i++) hb[m * nh * hd + h * hd + i] = f32_to_bf16(o[i]);
                 }
-                a = (I4Args){hb, ly->w[1], ly->s[1], out, M, H, nh * hd, d->G};
+                a = (I4Args){hb, ly->w[1], ly->s[1], out, M, H, nh * hd, d->G, scratch};
                 i4_run(&a, ly->nb[1]);
                 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++) {
                     for (int64_t i = 0; i < H; i++) x[m * H + i] += out[m * H + i];
                     rms_to_bf16(x + m * H, ly->post_norm, hb + m * H, H, d->eps);
                 }
-                a = (I4Args){hb, ly->w[2], ly->s[2], gu, M, 2 * I, H, d->G};
+                a = (I4Args){hb, ly->w[2], ly->s[2], gu, M, 2 * I, H, d->G, scratch};
                 i4_run(&a, ly->nb[2]);
                 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++)
@@ -445,7 +522,7 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                         const float g = gu[m * 2 * I + i], u = gu[m * 2 * I + I + i];
                         hb[m * I + i] = f32_to_bf16(g / (1.0f + exp_f(-g)) * u);
                     }
-                a = (I4Args){hb, ly->w[3], ly->s[3], out, M, H, I, d->G};
+                a = (I4Args){hb, ly->w[3], ly->s[3], out, M, H, I, d->G, scratch};
                 i4_run(&a, ly->nb[3]);
                 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++)
@@ -453,6 +530,6 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
             }
         }
     }
-    free(hb); free(qkv); free(gu); free(out); free(scores);
+    free(hb); free(qkv); free(gu); free(out); free(scores); free(scratch);
     return failed;
 }
