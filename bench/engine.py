@@ -158,7 +158,7 @@ def variants(int4: Path) -> dict[str, EmbeddedEngine]:
     step's gain is measured in this run: pure torch (aten int4 kernel, oneDNN fp32 lm_head, torch
     forward) -> + native BF16-read lm_head -> + native W4A16 kernel -> + fused decode step."""
     from qatctl.engines import kernels
-    from qatctl.engines.embedded import RowInvariantLinear
+    from qatctl.engines.linears import RowInvariantLinear
 
     out = {}
     if kernels.available():

@@ -7,7 +7,8 @@ import torch
 from qatctl import models
 from qatctl.artifacts import read_artifact
 from qatctl.engines import SamplingParams, load_engine
-from qatctl.engines.embedded import EmbeddedEngine, Int4Linear, RowInvariantLinear
+from qatctl.engines.embedded import EmbeddedEngine
+from qatctl.engines.linears import Int4Linear, RowInvariantLinear
 from qatctl.errors import QatctlError
 from qatctl.quant import QuantScheme, dequant, quantize
 
