@@ -208,9 +208,8 @@ class DecodeBatch:
         if still:
             if self.pool is None and eng.decode_plan is not None:
                 self.pool = eng.decode_plan.pool(self.cache)
-            h = eng._decode([s.completion.output_ids[-1] for s in still], self.cache, self.pool,
-                            [s.row for s in still], [s.length for s in still])
-            logits = eng._logits(h).cpu()
+            logits = eng._decode([s.completion.output_ids[-1] for s in still], self.cache, self.pool,
+                                 [s.row for s in still], [s.length for s in still]).cpu()
             for i, s in enumerate(still):
                 s.length += 1
                 s.logits = logits[i]

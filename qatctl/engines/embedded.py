@@ -286,14 +286,15 @@ class EmbeddedEngine:
         return _rms_norm(x, self.final_norm, self.eps)
 
     def _decode(self, tokens: list[int], cache, pool, rows: list[int], lengths: list[int]) -> torch.Tensor:
-        """One decode step: token m of row rows[m] at position lengths[m] -> final hidden [M, H].
+        """One decode step: token m of row rows[m] at position lengths[m] -> next-token logits [M, V].
         The fused native step where the engine has one (pool: decode_plan.pool(cache)), else the
         torch forward."""
         t = torch.tensor(tokens, device=self.device)
         if pool is not None:
-            return _rms_norm(self.decode_plan(self.embed[t], pool, rows, lengths), self.final_norm, self.eps)
+            out = self.decode_plan(self.embed[t], pool, rows, lengths)
+            return out if self.decode_plan.vocab else self._logits(_rms_norm(out, self.final_norm, self.eps))
         pos = torch.tensor(lengths, device=self.device).unsqueeze(1)
-        return self._forward(t.unsqueeze(1), pos, cache, rows, lengths)[:, -1]
+        return self._logits(self._forward(t.unsqueeze(1), pos, cache, rows, lengths)[:, -1])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)

@@ -92,7 +92,7 @@ def library(extra_flags: tuple[str, ...] = ()):
         lib.qatctl_int4_linear.restype = ctypes.c_int
         lib.qatctl_int4_isa.restype = ctypes.c_char_p
         lib.qatctl_int4_layout.restype = ctypes.c_int
-        lib.qatctl_decode.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int]
+        lib.qatctl_decode.argtypes = [p, p, p, p, p, p, p, i64, ctypes.c_int]
         lib.qatctl_decode.restype = ctypes.c_int
         _libs[extra_flags] = lib
         log.info("native kernels: %s (int4: %s)", so, lib.qatctl_int4_isa().decode())
@@ -200,7 +200,8 @@ class _DecLayer(ctypes.Structure):
 
 class _DecDims(ctypes.Structure):
     _fields_ = [(k, ctypes.c_int64) for k in ("L", "H", "nh", "nkv", "hd", "I", "G", "len_alloc")] + \
-               [("eps", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+               [("eps", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("final_norm", ctypes.c_void_p), ("head", ctypes.c_void_p), ("vocab", ctypes.c_int64)]
 
 
 class DecodePlan:
@@ -222,9 +223,13 @@ class DecodePlan:
             dst.q_norm = layer["q_norm"].data_ptr() if "q_norm" in layer else None
             dst.k_norm = layer["k_norm"].data_ptr() if "k_norm" in layer else None
         first = layers[0]
+        head = engine.lm_head.bf16  # the native BF16-read lm_head: then the step returns logits
+        self.vocab = engine.lm_head.out_features if head is not None else None
         self.dims = _DecDims(L=len(layers), H=engine.hidden, nh=engine.n_heads, nkv=engine.n_kv, hd=engine.head_dim,
                              I=first["down"].in_features, G=first["qkv"].group_size, len_alloc=0, eps=engine.eps,
-                             cos=engine.cos.data_ptr(), sin=engine.sin_signed.data_ptr())
+                             cos=engine.cos.data_ptr(), sin=engine.sin_signed.data_ptr(),
+                             final_norm=engine.final_norm.data_ptr(), head=None if head is None else head.data_ptr(),
+                             vocab=self.vocab or 0)
 
     @classmethod
     def plan(cls, engine):
@@ -251,8 +256,9 @@ class DecodePlan:
         return (ctypes.c_void_p * (2 * len(cache)))(*[t.data_ptr() for kv in cache for t in kv]), dims, K0.shape[0]
 
     def __call__(self, x: torch.Tensor, pool, rows: list[int], positions: list[int]) -> torch.Tensor:
-        """x [M, hidden] fp32 (the new tokens' embeddings) -> the last layer's output [M, hidden];
-        row m's k, v are written to the pool at [rows[m], :, positions[m]] of every layer."""
+        """x [M, hidden] fp32 (the new tokens' embeddings) -> the logits [M, vocab] when the plan
+        holds the lm_head (`self.vocab`), else the last layer's output [M, hidden] (before the final
+        norm); row m's k, v are written to the pool at [rows[m], :, positions[m]] of every layer."""
         ptrs, dims, n_rows = pool
         x = x.to(torch.float32).contiguous().clone()
         M = x.shape[0]
@@ -261,7 +267,9 @@ class DecodePlan:
             raise ValueError("decode: rows or positions outside the KV pool")
         rows_t = torch.tensor(rows, dtype=torch.int64)
         pos_t = torch.tensor(positions, dtype=torch.int64)
+        logits = torch.empty(M, self.vocab) if self.vocab else None
         if self.lib.qatctl_decode(ctypes.addressof(self.layers), ptrs, ctypes.addressof(dims), x.data_ptr(),
-                                  rows_t.data_ptr(), pos_t.data_ptr(), M, torch.get_num_threads()):
+                                  None if logits is None else logits.data_ptr(), rows_t.data_ptr(), pos_t.data_ptr(),
+                                  M, torch.get_num_threads()):
             raise MemoryError("decode: no memory for the step's buffers")
-        return x
+        return x if logits is None else logits

@@ -40,10 +40,9 @@ static inline uint16_t f32_to_bf16(float f) {
 
 /* y[m*N + n] = sum_k x[m*K + k] * w[n, k] with w packed as [ceil(N/16)][K][16] BF16 (16 output
    columns side by side). Every output is one fp32 fma chain over k = 0..K-1, in that order. */
-void qatctl_bf16_linear(const float *x, const uint16_t *wp, float *y, int64_t M, int64_t N, int64_t K,
-                        int nthreads) {
+static void bf16_rows(const float *x, const uint16_t *wp, float *y, int64_t M, int64_t N, int64_t K) {
     const int64_t NB = (N + 15) / 16;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp for schedule(static)
     for (int64_t nb = 0; nb < NB; nb++) {
         const uint16_t *wb = wp + nb * K * 16;
         const int64_t cols = N - nb * 16 < 16 ? N - nb * 16 : 16;
@@ -79,6 +78,12 @@ void qatctl_bf16_linear(const float *x, const uint16_t *wp, float *y, int64_t M,
             for (int64_t j = 0; j < cols; j++) y[m * N + nb * 16 + j] = a0[j];
         }
     }
+}
+
+void qatctl_bf16_linear(const float *x, const uint16_t *wp, float *y, int64_t M, int64_t N, int64_t K,
+                        int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    bf16_rows(x, wp, y, M, N, K);
 }
 
 /* ------------------------------------------------------------------ W4A16 linear
@@ -365,7 +370,9 @@ int qatctl_int4_linear(const float *x, const uint8_t *w, const uint16_t *s, floa
        x += W4A16(bf16(attn)); h = bf16(rms_norm(x) * post_norm); g, u = W4A16(h);
        x += W4A16(bf16(silu(g) * u))
    Every value of row m is computed from row m alone, in a fixed order, by one thread (norms and
-   dot products as 16 fixed lanes summed in a fixed tree): batch- and thread-invariant. */
+   dot products as 16 fixed lanes summed in a fixed tree): batch- and thread-invariant. With a packed
+   lm_head in the dims, the step goes on to the final norm and the logits (qatctl_bf16_linear's
+   chains), so a token costs one parallel region. */
 
 typedef struct {
     const uint8_t *w[4];  /* qkv, o, gate_up, down: packed as for qatctl_int4_linear */
@@ -378,6 +385,9 @@ typedef struct {
     int64_t L, H, nh, nkv, hd, I, G, len_alloc;
     float eps;
     const float *cos, *sin;  /* [positions, hd]: cos and sin_signed */
+    const float *final_norm;  /* with head: the step ends with the final norm and the lm_head */
+    const uint16_t *head;     /* the lm_head packed for qatctl_bf16_linear, or NULL */
+    int64_t vocab;
 } DecDims;
 
 /* sum of a[i] * b[i], i < n (n a multiple of 16): 16 lanes, then a fixed tree */
@@ -426,8 +436,8 @@ static inline void rms_to_bf16(const float *x, const float *w, uint16_t *out, in
     for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(x[i] * r * w[i]);
 }
 
-int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, float *x, const int64_t *rows,
-                  const int64_t *pos, int64_t M, int nthreads) {
+int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, float *x, float *logits,
+                  const int64_t *rows, const int64_t *pos, int64_t M, int nthreads) {
     const int64_t H = d->H, nh = d->nh, nkv = d->nkv, hd = d->hd, I = d->I, half = hd / 2;
     const int64_t nqkv = (nh + 2 * nkv) * hd, widest = H > I ? (H > nh * hd ? H : nh * hd) : (I > nh * hd ? I : nh * hd);
     const int64_t group = nh / nkv;
@@ -527,6 +537,14 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t i = 0; i < H; i++) x[m * H + i] += out[m * H + i];
+            }
+            if (d->head) {  /* final norm (fp32) and the lm_head, in the same parallel region */
+                #pragma omp for schedule(static)
+                for (int64_t m = 0; m < M; m++) {
+                    const float r = 1.0f / sqrtf(sumsq(x + m * H, H) / (float)H + d->eps);
+                    for (int64_t i = 0; i < H; i++) out[m * H + i] = x[m * H + i] * r * d->final_norm[i];
+                }
+                bf16_rows(out, d->head, logits, M, d->vocab, H);
             }
         }
     }
