@@ -10,8 +10,13 @@ fp32. For a weight whose values are BF16 numbers (the lm_head of every qatctl ch
 reads half the bytes of the fp32 matmul and gives the same products; only the summation order
 differs (a fixed one).
 
-Every output of both is one fixed fp32 chain computed by one thread, so a row's result does not
-depend on M, on the other rows or on the thread count: the engine stays batch-invariant.
+`DecodePlan`: a decode step of a dense Llama / Qwen3 model whose linears all run int4_linear, as one
+native call (`qatctl_decode`): every layer (norms, RoPE, KV write, attention over each row's own
+positions, residuals) and then the final norm and the BF16-read lm_head, instead of ~40 torch ops
+per layer. Prefill, MoE models and the fallback keep the torch forward (qatctl/engines/embedded.py).
+
+Every output of each kernel is one fixed fp32 chain computed by one thread, so a row's result does
+not depend on M, on the other rows or on the thread count: the engine stays batch-invariant.
 
 native.c is compiled with the system C compiler (`cc -O3 -march=native -fopenmp`) into a cache
 folder keyed by the source, the compiler, the CPU's flags and any extra flags, so a machine with
