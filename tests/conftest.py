@@ -75,6 +75,19 @@ def tiny_pairs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def long_int4(tmp_path_factory):
+    """Two int4 tiny-llamas (seeds 0 and 1) with a 32k context. The native engine decodes the
+    512-token preset's longest request in milliseconds, faster than a client's next call, so
+    tests that pause, abort or update while a request runs use these and ask for ~32k tokens."""
+    from qatctl import models
+
+    root = tmp_path_factory.mktemp("long")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(models._TINY_COMMON, "max_position_embeddings", 32768)
+        return make_pair(root / "s0", seed=0)[1], make_pair(root / "s1", seed=1)[1]
+
+
+@pytest.fixture(scope="session")
 def smollm2_pair(tmp_path_factory):
     """(qat-checkpoint, int4-checkpoint) of the real SmolLM2-135M-Instruct, made through the CLI."""
     root = tmp_path_factory.mktemp("smollm2")

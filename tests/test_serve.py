@@ -58,6 +58,21 @@ def server(tiny_pairs):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def long_server(long_int4):
+    """A server whose requests can run for seconds (32k context): for tests that act mid-request."""
+    s = Served(long_int4[0])
+    yield s
+    s.stop()
+
+
+def wait_running(s, n=1, seconds=60):
+    deadline = time.time() + seconds
+    while httpx.get(s.url + "/get_server_info").json()["internal_states"][0]["running"] < n:
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
 def post(server, route, body, **kw):
     return httpx.post(server.url + route, json=body, timeout=60, **kw)
 
@@ -263,15 +278,15 @@ def test_stop_string_matched_and_no_stop_trim(server):
     assert stop in kept["text"] and kept["output_ids"] == cut["output_ids"]
 
 
-def test_control_routes(tiny_pairs):
-    s = Served(tiny_pairs["tiny-llama"][1], "--max-batch", "4")
+def test_control_routes(long_int4):
+    s = Served(long_int4[0], "--max-batch", "4")
     try:
         assert httpx.get(s.url + "/health_generate", timeout=30).status_code == 200
         info = httpx.get(s.url + "/get_server_info").json()
         assert info["max_running_requests"] == 4 and info["internal_states"][0]["running"] == 0
         assert httpx.get(s.url + "/server_info").json()["weight_version"] == "default"
         assert httpx.get(s.url + "/flush_cache").status_code == 200
-        long = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 500, "ignore_eos": True}}
+        long = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 32000, "ignore_eos": True}}
 
         def state():
             return httpx.get(s.url + "/get_server_info").json()["internal_states"][0]
@@ -299,7 +314,7 @@ def test_control_routes(tiny_pairs):
             assert post(s, "/continue_generation", {}).status_code == 200
             assert post(s, "/abort_request", {"abort_all": True}).status_code == 200
             second = futs[1].result(timeout=60).json()
-            assert second["meta_info"]["finish_reason"]["type"] == "abort" and 0 < len(second["output_ids"]) < 500
+            assert second["meta_info"]["finish_reason"]["type"] == "abort" and 0 < len(second["output_ids"]) < 32000
         # pause with the default mode aborts what runs; new requests wait until continue
         fut = ThreadPoolExecutor(1).submit(post, s, "/generate", {**long, "rid": "late"})
         wait_for(lambda st: st["running"] == 1)
@@ -384,22 +399,21 @@ def test_sglang_launcher_command_and_missing_sglang(tiny_pairs, tmp_path):
     assert_usage_error(qatctl("serve", tiny_pairs["tiny-llama"][0], check=False), "expected a 'int4-checkpoint'")
 
 
-def test_weight_update_with_requests_in_flight(tiny_pairs, other_int4):
+def test_weight_update_with_requests_in_flight(long_int4):
     """SGLang's contract: running requests finish on the old weights, then the update lands
     (or, with abort_all_requests, they end as aborted); the prefix cache is flushed."""
     from qatctl.engines import SamplingParams, load_engine
 
-    old = load_engine(tiny_pairs["tiny-llama"][1])
+    old = load_engine(long_int4[0])
     body = {"input_ids": [5, 6, 7], "return_logprob": True,
-            "sampling_params": {"max_new_tokens": 400, "temperature": 1.0, "sampling_seed": 3, "ignore_eos": True}}
-    ref = old.generate([[5, 6, 7]], SamplingParams(max_new_tokens=400, temperature=1.0, seed=3, ignore_eos=True))[0]
-    s = Served(tiny_pairs["tiny-llama"][1])
+            "sampling_params": {"max_new_tokens": 3000, "temperature": 1.0, "sampling_seed": 3, "ignore_eos": True}}
+    ref = old.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3000, temperature=1.0, seed=3, ignore_eos=True))[0]
+    s = Served(long_int4[0])
     try:
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(post, s, "/generate", body)
-            while httpx.get(s.url + "/get_server_info").json()["internal_states"][0]["running"] < 1:
-                time.sleep(0.01)
-            r = post(s, "/update_weights_from_disk", {"model_path": str(other_int4), "weight_version": "v2"})
+            wait_running(s)
+            r = post(s, "/update_weights_from_disk", {"model_path": str(long_int4[1]), "weight_version": "v2"})
             assert r.status_code == 200 and r.json()["success"]
             out = running.result().json()
         assert out["output_ids"] == ref.output_ids  # finished on the old weights
@@ -408,10 +422,10 @@ def test_weight_update_with_requests_in_flight(tiny_pairs, other_int4):
         after = post(s, "/generate", {**body, "sampling_params": {**body["sampling_params"], "max_new_tokens": 4}}).json()
         assert after["meta_info"]["weight_version"] == "v2" and after["meta_info"]["cached_tokens"] == 0
         with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(post, s, "/generate", body)
-            while httpx.get(s.url + "/get_server_info").json()["internal_states"][0]["running"] < 1:
-                time.sleep(0.01)
-            r = post(s, "/update_weights_from_disk", {"model_path": str(tiny_pairs["tiny-llama"][1]),
+            running = pool.submit(post, s, "/generate", {**body, "sampling_params": {**body["sampling_params"],
+                                                                                      "max_new_tokens": 32000}})
+            wait_running(s)
+            r = post(s, "/update_weights_from_disk", {"model_path": str(long_int4[0]),
                                                       "abort_all_requests": True})
             assert r.status_code == 200
             assert running.result().json()["meta_info"]["finish_reason"]["type"] == "abort"
@@ -419,20 +433,20 @@ def test_weight_update_with_requests_in_flight(tiny_pairs, other_int4):
         s.stop()
 
 
-def test_abort_mid_stream_and_openapi_schema(server):
+def test_abort_mid_stream_and_openapi_schema(server, long_server):
     body = {"input_ids": [5, 6], "rid": "streamed", "stream": True,
-            "sampling_params": {"max_new_tokens": 480, "ignore_eos": True}}
-    with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as s:
+            "sampling_params": {"max_new_tokens": 32000, "ignore_eos": True}}
+    with httpx.stream("POST", long_server.url + "/generate", json=body, timeout=60) as s:
         events = []
         for line in s.iter_lines():
             if not line.startswith("data: "):
                 continue
             events.append(line[len("data: "):])
             if len(events) == 2:
-                assert post(server, "/abort_request", {"rid": "streamed"}).status_code == 200
+                assert post(long_server, "/abort_request", {"rid": "streamed"}).status_code == 200
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
-    assert last["meta_info"]["finish_reason"]["type"] == "abort" and len(last["output_ids"]) < 480
+    assert last["meta_info"]["finish_reason"]["type"] == "abort" and len(last["output_ids"]) < 32000
     schema = httpx.get(server.url + "/openapi.json").json()
     gen = schema["components"]["schemas"]["GenerateRequest"]["properties"]
     assert {"text", "input_ids", "sampling_params", "return_logprob", "top_logprobs_num", "rid"} <= set(gen)
@@ -450,26 +464,27 @@ def test_remote_score_argmax_equals_in_process(server, tiny_pairs):
     assert remote.score(prompts, completions) == local.score(prompts, completions)
 
 
-def test_server_batch_invariance_alone_joining_and_cached(server):
+def test_server_batch_invariance_alone_joining_and_cached(long_server):
     """Through HTTP: one request alone (cache flushed), joining a running batch mid-flight, and
     again with its prompt's KV from the prefix cache: identical tokens and logprobs (==)."""
     body = {"input_ids": [40, 41, 42, 43], "return_logprob": True,
             "sampling_params": {"temperature": 1.0, "sampling_seed": 77, "max_new_tokens": 12}}
 
     def run():
-        r = post(server, "/generate", body).json()
+        r = post(long_server, "/generate", body).json()
         return r["output_ids"], [x[0] for x in r["meta_info"]["output_token_logprobs"]], r["meta_info"]["cached_tokens"]
 
-    long = {"input_ids": [7, 8], "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}}
-    assert httpx.post(server.url + "/flush_cache").status_code == 200
+    long = {"input_ids": [7, 8], "sampling_params": {"max_new_tokens": 32000, "ignore_eos": True}}
+    assert httpx.post(long_server.url + "/flush_cache").status_code == 200
     with ThreadPoolExecutor(2) as pool:
-        busy = pool.submit(post, server, "/generate", long)
-        while httpx.get(server.url + "/get_server_info").json()["internal_states"][0]["running"] < 1:
-            time.sleep(0.005)
+        busy = pool.submit(post, long_server, "/generate", long)
+        wait_running(long_server)
         joined = run()  # prefilled fresh, joins the running batch
+        assert not busy.done()
+        assert post(long_server, "/abort_request", {"abort_all": True}).status_code == 200
         assert busy.result().status_code == 200
     assert joined[2] == 0
-    assert httpx.post(server.url + "/flush_cache").status_code == 200
+    assert httpx.post(long_server.url + "/flush_cache").status_code == 200
     alone = run()
     cached = run()
     assert alone[2] == 0 and cached[2] == 4

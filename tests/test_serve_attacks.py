@@ -15,7 +15,6 @@ from test_serve import Served, free_port, post
 from conftest import REPO
 
 GOOD = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 8, "temperature": 0.5, "sampling_seed": 1}}
-LONG = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 480, "ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +71,25 @@ def test_oversized_body_is_413_and_huge_prompts_do_not_block_the_loop(srv):
         assert big.result().status_code == 400  # longer than the context
 
 
-def test_abandoned_requests_stop_running(srv):
-    with httpx.stream("POST", srv.url + "/generate", json={**LONG, "stream": True}, timeout=60) as s:
-        lines = s.iter_lines()
-        next(ln for ln in lines if ln.startswith("data:"))
-    wait_for(srv, lambda st: st["running"] == 0, 10)  # dropped at the next step, not run to the cap
-    # a non-streaming client that gives up: its request is dropped even while it still waits
-    assert post(srv, "/pause_generation", {"mode": "in_place"}).status_code == 200
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + "/generate", json=LONG, timeout=0.3)
-    wait_for(srv, lambda st: st["waiting"] == 0 and st["running"] == 0, 10)
-    assert post(srv, "/continue_generation", {}).status_code == 200
-    assert post(srv, "/generate", GOOD).status_code == 200
+def test_abandoned_requests_stop_running(long_int4):
+    srv = Served(long_int4[0])  # 32k context: a request that runs to its cap takes seconds
+    longest = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 32000, "ignore_eos": True}}
+    try:
+        steps = state(srv)["steps"]
+        with httpx.stream("POST", srv.url + "/generate", json={**longest, "stream": True}, timeout=60) as s:
+            lines = s.iter_lines()
+            next(ln for ln in lines if ln.startswith("data:"))
+        wait_for(srv, lambda st: st["running"] == 0, 10)
+        assert state(srv)["steps"] - steps < 16000  # dropped at the next step, not run to the cap
+        # a non-streaming client that gives up: its request is dropped even while it still waits
+        assert post(srv, "/pause_generation", {"mode": "in_place"}).status_code == 200
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/generate", json=longest, timeout=0.3)
+        wait_for(srv, lambda st: st["waiting"] == 0 and st["running"] == 0, 10)
+        assert post(srv, "/continue_generation", {}).status_code == 200
+        assert post(srv, "/generate", GOOD).status_code == 200
+    finally:
+        srv.stop()
 
 
 def test_queue_bound_gives_503(tiny_pairs):
