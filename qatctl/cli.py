@@ -31,6 +31,8 @@ _state = {"debug": False}
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output artifact folder (written atomically).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output made with other config/inputs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")]
+ComputeDtype = Annotated[str, typer.Option(help="Training matmuls: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 "
+                                                "(autocast over fp32 masters; ~1.7x faster on AVX512-BF16 CPUs).")]
 
 
 def _version(value: bool):
@@ -171,6 +173,7 @@ def train_sft_qat(
     save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = T.save_every,
     deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config (ZeRO 0-3); launch with deepspeed or torchrun.")] = T.deepspeed,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = T.device,
+    compute_dtype: ComputeDtype = T.compute_dtype,
     reset_optimizer: Annotated[bool, typer.Option("--reset-optimizer", help="Start AdamW fresh instead of CKPT's trainer_state moments.")] = T.reset_optimizer,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last checkpoint (default) or start over.")] = T.resume,
     force: Force = False,
@@ -223,6 +226,7 @@ def rl_step(
     allow_stale_rollout_model: Annotated[bool, typer.Option("--allow-stale-rollout-model", help="Accept an INT4 model made from another policy.")] = R.allow_stale_rollout_model,
     deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config for the update.")] = R.deepspeed,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = R.device,
+    compute_dtype: ComputeDtype = R.compute_dtype,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last saved iteration (default) or start over.")] = R.resume,
     force: Force = False,
     json_: Json = False,

@@ -24,6 +24,7 @@ step is deterministic on CPU, so a resumed or chained run repeats an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -43,13 +44,16 @@ def rollout_seed(seed: int, iteration: int, slot: int, sample: int) -> int:
 class GRPOLoop:
     def __init__(self, s: GRPOSettings, model, pad_id: int, engine, trainer_for, reward_fn, prompts, *,
                  sync, world: int = 1, iteration: int = 0, cursor: int = 0, reference=None,
-                 device=torch.device("cpu")):
+                 device=torch.device("cpu"), compute=lambda model: contextlib.nullcontext()):
         """trainer_for(micro_batches_per_step) -> the Trainer (built once; DeepSpeed fixes its
-        accumulation steps at construction). sync(model, iteration) pushes the weights."""
+        accumulation steps at construction). sync(model, iteration) pushes the weights.
+        compute(model) is the context of a training-side forward (train.compute_context): scoring-only
+        passes run in it too, so old-policy logprobs are the update's own numerics."""
         self.s, self.model, self.pad_id, self.engine, self.trainer_for = s, model, pad_id, engine, trainer_for
         self.world = world
         self.reward_fn, self.prompts, self.sync_fn = reward_fn, prompts, sync
         self.iteration, self.cursor, self.reference, self.device = iteration, cursor, reference, device
+        self.compute = compute
 
     # ------------------------------------------------------------------ one iteration
 
@@ -151,7 +155,9 @@ class GRPOLoop:
         self._score_only([mb for mbs in plan for mb in mbs] + self._chunks(rest))
         rows = [r for r in rows if r["output_ids"]]
         if self.s.kl_coef > 0 and rows:
-            ref, _ = train_logprobs(self.reference, [r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows])
+            with self.compute(self.reference):
+                ref, _ = train_logprobs(self.reference, [r["prompt_ids"] for r in rows],
+                                        [r["output_ids"] for r in rows])
             for r, lp in zip(rows, ref, strict=True):
                 r["ref_logprobs"] = lp
         return self._mismatch(rows)
@@ -227,7 +233,7 @@ class GRPOLoop:
 
     def _score_only(self, micro_batches) -> None:
         """Train-side logprobs of each micro-batch's rows (no graph), as the update's forward computes them."""
-        with torch.no_grad(), parametrize.cached():
+        with torch.no_grad(), parametrize.cached(), self.compute(self.model):
             for mb in micro_batches:
                 logp, _, _, start = _completion_logprobs(self.model, mb, self.pad_id, self.device)
                 _store_train_logprobs(mb, logp, start)

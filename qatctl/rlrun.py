@@ -18,7 +18,7 @@ from pathlib import Path
 from qatctl import models, state
 from qatctl.grpo import GRPOLoop, rollout_tensors
 from qatctl.state import continue_from
-from qatctl.train import OptimSettings, device_and_dtype, dist_env, make_trainer
+from qatctl.train import OptimSettings, compute_context, device_and_dtype, dist_env, make_trainer, resolve_compute_dtype
 
 
 class Session:
@@ -35,7 +35,9 @@ class Session:
         # the trainer computes with the same BF16 values, as a BF16 trainer's forward does.
         models.apply_bf16_view(model)
         self.model, self.trainer = model, None
-        settings = OptimSettings(lr=c.lr, max_grad_norm=c.max_grad_norm, min_lr_ratio=1.0)
+        self.compute_dtype = resolve_compute_dtype(c.compute_dtype, self.device)
+        settings = OptimSettings(lr=c.lr, max_grad_norm=c.max_grad_norm, min_lr_ratio=1.0,
+                                 compute_dtype=self.compute_dtype)
         self._make_trainer = lambda n: make_trainer(model, settings, 1, n, 1, c.deepspeed)
         if c.deepspeed is None:
             self.trainer = self._make_trainer(1)
@@ -53,7 +55,8 @@ class Session:
         self.loop = GRPOLoop(c, model, pad, self.engine, self._trainer_for, reward_fn, prompts, sync=self._sync,
                              world=self.world, iteration=int(prev.get("iteration", 0)),
                              cursor=int(prev.get("cursor", 0)) % len(prompts), reference=ref_model,
-                             device=self.device)
+                             device=self.device,
+                             compute=lambda m: compute_context(m, self.compute_dtype, self.device))
         self.sync_root = None
 
     @property

@@ -55,6 +55,7 @@ class RlStepConfig(GRPOSettings):
     allow_stale_rollout_model: bool = False  # accept an int4-checkpoint made from another policy
     deepspeed: Path | None = None  # same DeepSpeed backend as train-sft-qat
     device: str = "auto"
+    compute_dtype: str = "auto"  # training matmuls: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)
     resume: bool = True  # continue a killed run from OUT.partial/state
     force: bool = False
 
@@ -88,6 +89,8 @@ def _validate(c: RlStepConfig) -> None:
     finite("--kl-coef", c.kl_coef, lo=0.0)
     finite("--lr", c.lr, lo=0.0, lo_open=True, hi=1.0)
     finite("--max-grad-norm", c.max_grad_norm, lo=0.0)
+    if c.compute_dtype not in ("auto", "fp32", "bf16"):
+        raise QatctlError(f"--compute-dtype {c.compute_dtype!r}: expected auto, fp32 or bf16")
     if c.rollout_precision not in ("int4", "bf16"):
         raise QatctlError(f"--rollout-precision {c.rollout_precision!r}: expected int4 or bf16")
     if c.rollout_precision == "bf16" and c.rollout_model is not None:

@@ -53,6 +53,7 @@ class TrainSftQatConfig:
     save_every: int = 50  # steps between resumable checkpoints
     deepspeed: Path | None = None  # DeepSpeed JSON config (ZeRO 0-3); launch with deepspeed/torchrun
     device: str = "auto"  # auto, cpu or cuda
+    compute_dtype: str = "auto"  # training matmuls: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)
     reset_optimizer: bool = False  # start AdamW fresh instead of CKPT's trainer_state moments
     resume: bool = True  # continue from OUT.partial's last checkpoint of the same run
     force: bool = False  # replace an existing output made with other config/inputs
@@ -68,6 +69,8 @@ def _validate(c: TrainSftQatConfig) -> None:
     for name in ("batch_size", "micro_batch", "max_seq_len", "save_every"):
         if getattr(c, name) < 1:
             raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
+    if c.compute_dtype not in ("auto", "fp32", "bf16"):
+        raise QatctlError(f"--compute-dtype {c.compute_dtype!r}: expected auto, fp32 or bf16")
     if c.steps is not None and c.steps < 1:
         raise QatctlError(f"--steps {c.steps}: must be >= 1")
     if c.epochs is not None:
@@ -132,7 +135,8 @@ def run(config: TrainSftQatConfig) -> dict:
     fake_quant = not config.no_fake_quant
     n_targets = models.apply_fake_quant(model, scheme) if fake_quant else 0
     settings = OptimSettings(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-                             min_lr_ratio=config.min_lr_ratio, max_grad_norm=config.max_grad_norm)
+                             min_lr_ratio=config.min_lr_ratio, max_grad_norm=config.max_grad_norm,
+                             compute_dtype=config.compute_dtype)
     trainer = make_trainer(model, settings, total, config.batch_size, config.micro_batch, config.deepspeed)
     from qatctl import state
 

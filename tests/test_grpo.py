@@ -263,3 +263,67 @@ def test_trainer_computes_with_the_weights_the_engine_holds(root, precision, fak
             assert torch.equal(seen, want), name
     masters = {n: p for n, p in s.model.named_parameters()}
     assert any(not torch.equal(p.detach().bfloat16().float(), p.detach()) for p in masters.values())
+
+
+def test_bf16_compute_dtype_autocasts_the_update_and_scoring(root, tmp_path):
+    """--compute-dtype bf16: every training-side forward (the update's and scoring-only passes)
+    runs its matmuls in BF16 over the fp32 masters, except the CPU lm_head, which stays the fp32
+    matmul the CPU engine computes; the context restores the module afterwards."""
+    from qatctl import data, models, rl
+    from qatctl.artifacts import read_artifact
+    from qatctl.quant import QuantScheme
+    from qatctl.rlrun import Session
+    from qatctl.train import resolve_compute_dtype
+    from stages.rl_step import RlStepConfig
+
+    def session(dtype):
+        c = RlStepConfig(policy=root / "llama", out=tmp_path / dtype, prompts=ARITH, prompts_per_step=4,
+                         samples_per_prompt=4, max_new_tokens=8, lr=1e-3, mini_batches=2, compute_dtype=dtype,
+                         reward=f"{root / 'rw.py'}:odd_length")
+        policy = read_artifact(c.policy)
+        tok = models.load_tokenizer(c.policy)
+        return Session(c, policy, None, None, QuantScheme.from_manifest(policy.manifest["quant"]), tok,
+                       data.load_prompts(ARITH, tok, need_answer=False), rl.load_reward(c.reward))
+
+    seen = []
+    ids = torch.tensor([[5, 6, 7, 8]])
+    s = session("bf16")
+    assert s.compute_dtype == "bf16" and s.trainer.compute_dtype == "bf16"
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.append((name, o.dtype)))
+             for name, m in s.model.named_modules() if name.endswith(("q_proj", "down_proj", "lm_head"))]
+    with s.loop.compute(s.model):
+        s.model(input_ids=ids)
+    inside, seen[:] = dict(seen), []
+    s.model(input_ids=ids)
+    outside = dict(seen)
+    for h in hooks:
+        h.remove()
+    assert inside["model.layers.0.self_attn.q_proj"] == inside["model.layers.1.mlp.down_proj"] == torch.bfloat16
+    assert inside["lm_head"] == torch.float32
+    assert set(outside.values()) == {torch.float32} and "forward" not in s.model.lm_head.__dict__
+    # scoring-only passes (old-policy logprobs for later mini-batches) equal the update's forward
+    from qatctl.grpo import _completion_logprobs
+
+    rows = [{"prompt_ids": [5, 6, 7], "output_ids": [8, 9, 10, 11]}, {"prompt_ids": [12, 13], "output_ids": [14]}]
+    s.loop._score_only([rows])
+    with s.trainer.compute():
+        logp, *_ = _completion_logprobs(s.model, rows, s.loop.pad_id, s.device)
+    assert [r["train_logprobs"] for r in rows] == [logp[0, 1:5].tolist(), logp[1, :1].tolist()]
+    plain, *_ = _completion_logprobs(s.model, rows, s.loop.pad_id, s.device)
+    assert not torch.equal(plain, logp)
+    _, bf16_metrics = s.loop.iteration_step()
+    _, fp32_metrics = session("fp32").loop.iteration_step()
+    assert bf16_metrics["optimizer_steps"] == 2 and bf16_metrics["grad_norm"] != fp32_metrics["grad_norm"]
+    assert bf16_metrics["train_rollout_logprob_abs_diff_mean"] < 0.05
+    assert resolve_compute_dtype("auto", torch.device("cpu")) == "fp32"
+    assert resolve_compute_dtype("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(Exception, match="--compute-dtype fp32"):
+        resolve_compute_dtype("fp32", torch.device("cuda"))
+
+
+def test_compute_dtype_bad_input_and_manifest(root, tmp_path):
+    out = tmp_path / "o"
+    assert_usage_error(qatctl("rl-step", *args(root, root / "llama", out), "--compute-dtype", "fp16", check=False),
+                       "--compute-dtype 'fp16'", absent=[out])
+    qatctl("rl-step", *args(root, root / "llama", out), "--compute-dtype", "bf16")
+    assert json.loads((out / "qatctl.json").read_text())["config"]["compute_dtype"] == "bf16"

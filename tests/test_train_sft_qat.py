@@ -96,6 +96,21 @@ def test_delayed_and_disabled_fake_quant_are_recorded(tiny, tmp_path):
     assert d_loss[:4] == b_loss[:4] and d_loss[4] != b_loss[4]
 
 
+def test_bf16_compute_dtype_trains_and_is_recorded(tiny, tmp_path):
+    """--compute-dtype bf16 (autocast over the fp32 masters) learns like fp32 and differs from it
+    in the last bits; the choice is recorded; a value it does not know is refused."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        runs[dtype] = json.loads(qatctl("train-sft-qat", tiny, "--data", ARITH, "--out", out, "--steps", "10",
+                                        "--compute-dtype", dtype, *FAST, "--json").stdout)
+        assert runs[dtype]["config"]["compute_dtype"] == dtype
+    fp32, bf16 = (runs[k]["metrics"]["loss_curve"] for k in ("fp32", "bf16"))
+    assert fp32 != bf16 and bf16[-1] < 0.8 * bf16[0] and abs(bf16[-1] - fp32[-1]) < 0.1 * fp32[-1]
+    p = qatctl("train-sft-qat", tiny, "--data", ARITH, "--out", tmp_path / "x", "--compute-dtype", "half", check=False)
+    assert p.returncode == 2 and "--compute-dtype 'half'" in p.stderr and not (tmp_path / "x").exists()
+
+
 def test_kill_9_then_resume_equals_uninterrupted(tiny, tmp_path):
     args = ["--data", ARITH, "--steps", "60", "--save-every", "10", "--lr", "1e-3", "--batch-size", "8",
             "--micro-batch", "1"]
