@@ -344,6 +344,7 @@ def accuracy(
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per answer.")] = 32,
     reward: Annotated[str, typer.Option(help="exact-number, boxed, or module:function.")] = "exact-number",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     json_: Json = False,
 ):
     """Greedy exact-match accuracy of a checkpoint on a prompt set, with the embedded engine."""
@@ -360,10 +361,10 @@ def accuracy(
         finite("--max-new-tokens", max_new_tokens, lo=1, hi=4096)
         art = read_artifact(model, ("int4-checkpoint", "qat-checkpoint"))
         score = rl.load_reward(reward)
-        engine = load_engine(model, weights="int4" if art.kind == "int4-checkpoint" else "fp32")
+        engine = load_engine(model, weights="int4" if art.kind == "int4-checkpoint" else "fp32", device=device)
         rows = data.load_prompts(prompts, engine.tokenizer)[:limit]
         result = rl.exact_match_accuracy(engine, rows, score, max_new_tokens=max_new_tokens)
-        return {"model": str(model), "kind": art.kind, "kernel": engine.kernel, **result}
+        return {"model": str(model), "kind": art.kind, "kernel": engine.kernel, "device": str(engine.device), **result}
 
     result = _run(measure, None)
     from qatctl import ui

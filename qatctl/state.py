@@ -172,7 +172,10 @@ def load_state(folder: Path, model, optimizer=None, scheduler=None, restore_rng:
                 group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_group.items()})
         optimizer.state.clear()
         for name, p in masters.items():
-            s = {k: opt_tensors[f"{name}.{k}"].clone() for k in ADAM_KEYS if f"{name}.{k}" in opt_tensors}
+            # Moments live beside their parameter (CUDA masters); `step` stays a CPU scalar, as
+            # torch's own Optimizer.load_state_dict leaves it for the foreach/for-loop AdamW.
+            s = {k: opt_tensors[f"{name}.{k}"].to(p.device if k != "step" else "cpu", copy=True)
+                 for k in ADAM_KEYS if f"{name}.{k}" in opt_tensors}
             if s:
                 optimizer.state[p] = s
     if scheduler is not None and state.get("scheduler"):

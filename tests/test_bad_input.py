@@ -104,6 +104,8 @@ CASES = [
      ["not a readable safetensors"]),
     ("accuracy limit 0", lambda r: ["accuracy", r / "int4", "--prompts", ARITH, "--limit", "0"], ["--limit 0"]),
     ("accuracy limit -1", lambda r: ["accuracy", r / "int4", "--prompts", ARITH, "--limit", "-1"], ["--limit -1"]),
+    ("accuracy unknown device", lambda r: ["accuracy", r / "int4", "--prompts", ARITH, "--device", "tpu"],
+     ["--device 'tpu'", "auto, cpu or cuda"]),
     ("serve truncated int4", lambda r: ["serve", r / "int4-trunc", "--port", "1"], ["not a readable safetensors"]),
     ("usage: missing argument", lambda r: ["convert-int4"], ["Missing argument"]),
     ("usage: not an integer", lambda r: ["init-qat", "tiny-llama", "--group-size", "abc"], ["--group-size"]),

@@ -117,6 +117,21 @@ def test_optimizer_state_carried_across_artifacts(root, tmp_path):
     assert not tensors_equal(a, c)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_iterations_and_carried_state_on_cuda(root, tmp_path):
+    """Both found on an H100 (docs/results.md, GPU run): the in-memory sync handed the tinygemm
+    linears CUDA tensors (their load-time check mixed devices), and an rl-step continuing a
+    trainer_state on CUDA left the AdamW moments on the CPU."""
+    cuda = ["--lr", "1e-5", "--device", "cuda"]
+    first = json.loads(qatctl("rl-step", *args(root, root / "llama", tmp_path / "one", "--iterations", "2", *cuda),
+                              "--json").stdout)
+    assert first["trainer_state"]["optimizer_step"] == 2
+    chained = json.loads(qatctl("rl-step", *args(root, tmp_path / "one", tmp_path / "two", *cuda), "--json").stdout)
+    assert chained["metrics"]["continued_from"] == {"masters": True, "optimizer": True}
+    assert chained["rl"]["iteration"] == 3 and chained["trainer_state"]["optimizer_step"] == 3
+    assert "tinygemm" in chained["metrics"]["rollout_engine"]["kernel"]
+
+
 def test_kill_9_during_iterations_then_rerun_is_identical(root, tmp_path):
     extra = ["--iterations", "4", "--save-every", "1"]
     qatctl("rl-step", *args(root, root / "llama", tmp_path / "straight", *extra))

@@ -76,7 +76,7 @@ class Int4Linear:
         return self.packed, self.scales_and_zeros
 
     def _check(self, q, scale):
-        w = dequant(q, scale, self.group_size).float()
+        w = dequant(q.cpu(), scale.cpu(), self.group_size).float()  # q may come from CUDA masters (in-memory sync)
         x = torch.randn(4, self.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
         got = self(x.to(self.parts[0].device)).cpu()
         ref = x.float() @ w.t()
