@@ -11,12 +11,9 @@ PROMPTS=recipes/data/arith-train.jsonl
 TEST=recipes/data/arith-test.jsonl
 COMMON=(--prompts "$PROMPTS" --iterations "$K" --prompts-per-step 8 --samples-per-prompt 8 --max-new-tokens 24
         --lr 1e-5 --seed "$SEED" --save-every 5 --reset-optimizer)
+source "$(dirname "$0")/arm-flags.sh"
 for arm in int4-qat int4-ptq bf16; do
-  case $arm in
-    int4-qat) flags=() ;;
-    int4-ptq) flags=(--no-fake-quant) ;;
-    bf16)     flags=(--rollout-precision bf16) ;;
-  esac
+  arm_flags "$arm"
   out="$RUN/$arm-s$SEED"
   qatctl rl-step "$START" --out "$out" "${COMMON[@]}" "${flags[@]}" "$@"
   qatctl convert-int4 "$out" --out "$out-int4"

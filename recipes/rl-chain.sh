@@ -10,12 +10,8 @@
 # of a repeated flag wins). Re-running skips finished links; a killed link resumes (--save-every).
 set -euo pipefail
 OUT=$1; START=$2; ARM=$3; SEED=$4; LINKS=$5; shift 5
-case $ARM in
-  int4-qat) flags=() ;;
-  int4-ptq) flags=(--no-fake-quant) ;;
-  bf16)     flags=(--rollout-precision bf16) ;;
-  *) echo "rl-chain.sh: ARM must be int4-qat, int4-ptq or bf16, not '$ARM'" >&2; exit 2 ;;
-esac
+source "$(dirname "$0")/arm-flags.sh"
+arm_flags "$ARM"
 DEVICE=auto
 for ((i = 1; i <= $#; i++)); do [ "${!i}" = --device ] && { n=$((i + 1)); DEVICE=${!n}; }; done
 mkdir -p "$OUT"
