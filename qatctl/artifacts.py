@@ -8,6 +8,7 @@ at any moment leaves either no `DIR` or a complete earlier one.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +23,14 @@ from qatctl.errors import QatctlError
 MANIFEST = "qatctl.json"
 SCHEMA = 1
 KINDS = ("qat-checkpoint", "int4-checkpoint", "rollouts", "report")
+
+
+def copy_plain_file(src: Path, dst: Path) -> None:
+    """Copy a file of an input artifact into an output; a symlink there is refused (copying it
+    would put its target's content, any file the user can read, into the output)."""
+    if Path(src).is_symlink():
+        raise QatctlError(f"{src}: is a symlink; an artifact's files are plain files (copy the target in its place)")
+    shutil.copy2(src, dst)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -86,10 +95,38 @@ def read_artifact(path, expect_kind: str | tuple[str, ...] | None = None) -> Art
     if kinds and manifest["kind"] not in kinds:
         raise QatctlError(f"{path}: is a {manifest['kind']!r} (made by {manifest['stage']}), "
                           f"expected a {' or '.join(repr(k) for k in kinds)}")
-    for name in manifest.get("files", {}):
-        if not (path / name).is_file():
-            raise QatctlError(f"{path / name}: listed in {MANIFEST} but missing")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise QatctlError(f"{mpath}: field 'files' is not an object of file -> sha256")
+    for name, digest in files.items():
+        _verify_file(path, name, digest)
     return Artifact(path, manifest)
+
+
+_VERIFIED: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256: each file hashed once per process
+
+
+def _verify_file(root: Path, name: str, digest) -> None:
+    """A listed file must be there, a plain file inside the artifact (no symlink: qatctl never
+    writes one, and one would be read as its target's content), with the digest the manifest
+    records: a swapped or edited weight file is refused, not trusted by its manifest."""
+    f = root / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise QatctlError(f"{root / MANIFEST}: file entry {name!r} points outside the artifact")
+    cur = root
+    for part in Path(name).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise QatctlError(f"{cur}: is a symlink; an artifact's files are plain files (copy the target in its place)")
+    if not f.is_file():
+        raise QatctlError(f"{f}: listed in {MANIFEST} but missing")
+    st = f.stat()
+    key = (str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    actual = _VERIFIED.get(key) or sha256_file(f)
+    if actual != digest:
+        raise QatctlError(f"{f}: its sha256 differs from the one in {MANIFEST} (the file was changed after the "
+                          "artifact was made); rebuild the artifact")
+    _VERIFIED[key] = actual
 
 
 def _normalized(obj):
@@ -113,6 +150,9 @@ class OutputDir:
             raise QatctlError(f"--out {str(path)!r}: give a folder to create (not the current folder)")
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
+        # --force moves the replaced artifact here for the moment of the swap: a hidden name only
+        # qatctl uses (a user's own `OUT.old` is never touched)
+        self.replaced = self.path.with_name(f".{self.path.name}.qatctl-replaced")
         self.stage, self.kind, self.force = stage, kind, force
         self.config, self.inputs = _normalized(config), _normalized(inputs)
         self.writer = int(os.environ.get("RANK", "0")) == 0  # one writer: rank 0 of a distributed run
@@ -132,7 +172,7 @@ class OutputDir:
             raise QatctlError(f"--out {self.path}: {parent} is a file, not a folder")
         if self.partial.exists() and not (self.partial / RUN_KEY).is_file():
             raise QatctlError(f"{self.partial}: exists and was not made by qatctl; move it away (it is never deleted)")
-        old = self.path.with_name(self.path.name + ".old")
+        old = self.replaced
         if old.exists() and not (old / MANIFEST).is_file():
             raise QatctlError(f"{old}: exists and was not made by qatctl; move it away (it is never deleted)")
 
@@ -169,8 +209,9 @@ class OutputDir:
     def commit(self, tmp: Path, *, quant: dict | None = None, metrics: dict | None = None,
                extra: dict | None = None) -> dict:
         """Digest the files, write the manifest last, rename the folder into place."""
-        (tmp / RUN_KEY).unlink(missing_ok=True)
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        # RUN_KEY stays until the folder is in place: a partial cut short here is still known as ours
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                 if p.is_file() and str(p.relative_to(tmp)) not in (RUN_KEY, MANIFEST, MANIFEST + ".tmp")}
         manifest = {
             "schema": SCHEMA, "stage": self.stage, "kind": self.kind, "status": "complete",
             "qatctl_version": __version__,
@@ -186,13 +227,14 @@ class OutputDir:
         os.replace(mtmp, tmp / MANIFEST)
         fsync_dir(tmp)
         if self.path.exists():  # --force: swap, so the old artifact survives a kill mid-swap
-            old = self.path.with_name(self.path.name + ".old")
+            old = self.replaced
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.path, old)
             os.replace(tmp, self.path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, self.path)
+        (self.path / RUN_KEY).unlink(missing_ok=True)
         fsync_dir(self.path.parent)
         self.release()
         return manifest
@@ -223,6 +265,10 @@ class _Building:
                 keep = json.loads((p / RUN_KEY).read_text()) == key
             except json.JSONDecodeError:
                 keep = False
+        if not keep and self.resume and not self.out.force and _has_state(p) and _differs(p, key):
+            raise QatctlError(f"{p}: holds the resume state of a killed run with another config or inputs "
+                              f"({_what_differs(p, key)}); rerun that command to finish it, or pass --force to "
+                              "discard its progress")
         if not keep:
             shutil.rmtree(p, ignore_errors=True)  # a stale partial of another run is never reused
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -238,10 +284,31 @@ class _Building:
         return False
 
 
+def _differs(partial: Path, key: dict) -> bool:
+    try:
+        return json.loads((partial / RUN_KEY).read_text()) != key
+    except (OSError, json.JSONDecodeError):
+        return True
+
+
+def _what_differs(partial: Path, key: dict) -> str:
+    """e.g. "config lr 1e-05 -> 0.0001": the first differences between a partial's run and this one."""
+    try:
+        old = json.loads((partial / RUN_KEY).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "its run record is unreadable"
+    diffs = [f"{k} {old.get('config', {}).get(k)!r} -> {v!r}" for k, v in key["config"].items()
+             if old.get("config", {}).get(k) != v]
+    if old.get("inputs") != key["inputs"]:
+        diffs.append("inputs changed")
+    return "config " + ", ".join(diffs[:3]) if diffs else "another stage"
+
+
 def _has_state(partial: Path) -> bool:
     """Whether a partial folder holds a training stage's resume state (its `state/` folder)."""
     state = partial / "state"
-    return state.is_dir() and any(state.iterdir())
+    final = partial / "trainer_state" / "state.json"  # a finished run's final state (its save was cut)
+    return (state.is_dir() and any(state.iterdir())) or final.is_file()
 
 
 def _lock(path: Path):
@@ -249,11 +316,25 @@ def _lock(path: Path):
     run on the same --out fails at once, naming the holder. Returns the release function."""
     import fcntl
 
+    import stat
+
     lock = path.with_name(f".{path.name}.qatctl-lock")
     if not lock.parent.exists():
         lock.parent.mkdir(parents=True)
     while True:
-        f = open(lock, "a+")
+        # Never through a symlink or into a file with other names (a planted link would make
+        # this truncate a user's file): O_NOFOLLOW, then a regular file with one link only.
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise QatctlError(f"{lock}: is a symlink; qatctl's lock file is never one — remove it") from None
+            raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise QatctlError(f"{lock}: is not a lock file qatctl made (not a plain file with one name); remove it")
+        f = os.fdopen(fd, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -310,7 +310,9 @@ def eval_consistency(
 S = ServeConfig
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# Unknown options are usage errors (a typo such as --apikey must not start a server without a
+# key); only what follows `--` is passed through, to sglang.launch_server.
+@app.command("serve", context_settings={"allow_extra_args": True})
 def serve(
     ctx: typer.Context,
     ckpt: Annotated[Path, typer.Argument(help="An int4-checkpoint folder.")],

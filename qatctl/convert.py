@@ -80,7 +80,7 @@ def write_int4_checkpoint(tensors: dict[str, torch.Tensor], src: Path, out: Path
     iteration for --engine-url; `note` goes into the manifest's config."""
     from safetensors.torch import save_file
 
-    from qatctl.artifacts import OutputDir
+    from qatctl.artifacts import OutputDir, copy_plain_file
 
     src = Path(src)
     o = OutputDir(out, stage="rl-step", kind="int4-checkpoint", config=note, inputs=[], force=True)
@@ -93,5 +93,5 @@ def write_int4_checkpoint(tensors: dict[str, torch.Tensor], src: Path, out: Path
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for p in src.iterdir():
             if p.is_file() and p.name.startswith(_SIDE_FILES):
-                shutil.copy2(p, tmp / p.name)
+                copy_plain_file(p, tmp / p.name)
         return o.commit(tmp, quant=scheme.to_manifest())

@@ -149,6 +149,15 @@ class Session:
         from qatctl.ui import console
 
         root = tmp / "state"
+        final = state.final_state(tmp) if self.trainer is not None and self.trainer.backend == "torch" else None
+        if self.c.resume and final is not None:  # every iteration ran; the kill came during the final save
+            meta = state.load_state(final, self.model, self.trainer.optimizer)
+            self.loop.iteration, self.loop.cursor = meta["iteration"], meta["cursor"]
+            history = [json.loads(ln) for ln in (tmp / "metrics.jsonl").read_text().splitlines()]
+            console.print(f"resuming from {final} (all {len(history)} iterations ran; writing the output)")
+            return history, len(history)
+        if not self.c.resume:
+            shutil.rmtree(final or tmp / state.TRAINER_STATE, ignore_errors=True)
         found = None
         if self.c.resume and self.trainer is not None:
             found = state.load_newest(root, "iter", lambda f: state.load_state(f, self.model, self.trainer.optimizer))
@@ -182,12 +191,19 @@ class Session:
         model = self.trainer.gather_weights() if self.trainer is not None else self.model
         if tmp is None:
             return None
-        for work in ("state", "sync"):  # resume states and pushed checkpoints are not part of the output
-            shutil.rmtree(tmp / work, ignore_errors=True)
-        optimizer = self.trainer.optimizer if self.trainer is not None and self.trainer.backend == "torch" else None
-        info = state.write_trainer_state(tmp, model, optimizer, {"iteration": self.loop.iteration})
+        torch_backend = self.trainer is not None and self.trainer.backend == "torch"
+        optimizer = self.trainer.optimizer if torch_backend else None
+        # trainer_state/ first (atomic, with the loop's position: a rerun after a kill from here
+        # on resumes from it and runs no iteration again), then the resume states go, the
+        # checkpoint last. Resume states and pushed checkpoints are not part of the output.
+        info = state.write_trainer_state(tmp, model, optimizer, {"iteration": self.loop.iteration,
+                                                                  "cursor": self.loop.cursor})
+        if torch_backend:
+            shutil.rmtree(tmp / "state", ignore_errors=True)
         models.remove_fake_quant(model)
         models.save_checkpoint(model, self.tokenizer, tmp)
+        for work in ("state", "sync"):
+            shutil.rmtree(tmp / work, ignore_errors=True)
         return info
 
     def rl_state(self, prompts_path) -> dict:

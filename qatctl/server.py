@@ -57,6 +57,7 @@ class Server:
         self.model_name = config.model_name or Path(config.ckpt).name
         self.scheduler = Scheduler(engine, config.max_batch, max_queue=config.max_queue, thread=scheduler_thread)
         self.scheduler.label = self.weight_version
+        self.updating = False  # one /update_weights_from_disk at a time; the others get 409 at once
         self.app = self._build()
 
     # ------------------------------------------------------------ helpers
@@ -111,6 +112,15 @@ class Server:
         return await asyncio.wrap_future(self.scheduler.call(lambda: self.engine.prompt_logprobs(ids, top_n)))
 
     async def update_weights(self, req: UpdateWeightsRequest) -> tuple[bool, str]:
+        if self.updating:  # checked and set on the event loop: no await in between
+            return False, "a weight update is already in progress; retry when it has finished"
+        self.updating = True
+        try:
+            return await self._update_weights(req)
+        finally:
+            self.updating = False
+
+    async def _update_weights(self, req: UpdateWeightsRequest) -> tuple[bool, str]:
         from qatctl.artifacts import read_artifact
         from qatctl.engines import load_engine
 
@@ -248,9 +258,10 @@ class Server:
         @app.post("/update_weights_from_disk")
         async def update_weights(req: UpdateWeightsRequest):
             req.refuse_unsupported()
+            busy = server.updating
             ok, message = await server.update_weights(req)
             return JSONResponse({"success": ok, "message": message, "num_paused_requests": 0},
-                                status_code=200 if ok else 400)
+                                status_code=200 if ok else 409 if busy else 400)
 
         # -------------------------------------------------------- generation
         @app.api_route("/generate", methods=["POST", "PUT"])
@@ -576,7 +587,13 @@ class Server:
 class _Guard:
     """The API key and the body-size limit, as a plain ASGI middleware (Starlette's
     BaseHTTPMiddleware would hide a client's disconnect from the routes, and abandoned work
-    could then not be dropped)."""
+    could then not be dropped).
+
+    The limit holds on the bytes actually received, not on what Content-Length claims: a body
+    sent chunked (no Content-Length) is read here up to --max-request-bytes and refused with 413
+    the moment it passes, so the server never holds more than the limit for one request. The
+    route then reads the buffered body; later `receive` calls (disconnect checks) go to the client.
+    """
 
     def __init__(self, app, server):
         self.app, self.server = app, server
@@ -595,12 +612,37 @@ class _Guard:
                 response = JSONResponse(_error("invalid or missing API key", None, 401, "authentication_error"),
                                         status_code=401)
                 return await response(scope, receive, send)
-        size, limit = headers.get("content-length", b""), self.server.config.max_request_bytes
+        limit = self.server.config.max_request_bytes
+
+        def too_large(what: str):
+            return JSONResponse(_error(f"request body of {what} exceeds --max-request-bytes {limit}", "body", 413),
+                                status_code=413, headers={"connection": "close"})
+
+        size = headers.get("content-length", b"")
         if size.isdigit() and int(size) > limit:
-            response = JSONResponse(_error(f"request body of {int(size)} bytes exceeds --max-request-bytes {limit}",
-                                           "body", 413), status_code=413)
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+            return await too_large(f"{int(size)} bytes")(scope, receive, send)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away mid-body
+                return None
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:
+                return await too_large(f"more than {limit} bytes")(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 def _error(message: str, param: str | None, code: int, kind: str = "invalid_request_error") -> dict:

@@ -278,9 +278,27 @@ def continue_from(artifact, model, optimizer) -> dict | None:
     return {"masters": True, "optimizer": optimizer is not None}
 
 
+def final_state(tmp: Path) -> Path | None:
+    """The complete trainer_state/ inside a partial output: the run finished training and was
+    killed while writing its output. A rerun loads it and writes the rest (nothing retrained)."""
+    folder = tmp / TRAINER_STATE
+    return folder if (folder / STATE).is_file() else None
+
+
 def write_trainer_state(tmp: Path, model, optimizer, meta: dict) -> dict:
-    """trainer_state/ of an output qat-checkpoint, and the manifest field describing it."""
-    save_state(tmp / TRAINER_STATE, model, optimizer, meta=meta)
+    """trainer_state/ of an output qat-checkpoint, and the manifest field describing it.
+
+    Written into trainer_state.tmp and renamed, so a complete trainer_state/ in a partial folder
+    always holds the finished run's full state (see final_state); one already there (this rerun
+    loaded it) is kept as it is."""
+    folder = tmp / TRAINER_STATE
+    if final_state(tmp) is None:
+        work = tmp / (TRAINER_STATE + ".tmp")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete one (no state.json)
+        save_state(work, model, optimizer, meta=meta)
+        os.replace(work, folder)
+        fsync_dir(tmp)
     step = max((int(s["step"]) for s in optimizer.state.values()), default=0) if optimizer is not None else None
     return {"path": TRAINER_STATE, "masters": "fp32", "optimizer": type(optimizer).__name__ if optimizer else None,
             "optimizer_step": step, "bytes": sum(p.stat().st_size for p in (tmp / TRAINER_STATE).iterdir())}

@@ -398,6 +398,8 @@ def save_step(trainer: Trainer, root: Path, step: int, meta: dict, keep: int = 2
     trainer.barrier()
     trainer.save_state(tmp, meta)
     if trainer.is_main:
+        if final.exists():  # a corrupt state of this number that resume fell back past
+            shutil.rmtree(final)
         os.replace(tmp, final)
         state.fsync_dir(root)
         for p in state.complete_states(root, "step")[keep:]:
@@ -441,6 +443,14 @@ def resume_steps(trainer, state_root: Path, resume: bool) -> tuple[list, int]:
     ([], 0) with the folder cleared when there is none (or resume is off)."""
     from qatctl.ui import console
 
+    final = state.final_state(state_root.parent) if trainer.backend == "torch" else None
+    if resume and final is not None:  # training had finished; the kill came during the final save
+        meta = trainer.load_state(final)
+        history = [json.loads(ln) for ln in (state_root.parent / "metrics.jsonl").read_text().splitlines()]
+        console.print(f"resuming from {final} (training finished at step {meta['step']}; writing the output)")
+        return history, meta["step"]
+    if not resume and trainer.is_main:
+        shutil.rmtree(state_root.parent / state.TRAINER_STATE, ignore_errors=True)
     found = state.load_newest(state_root, "step", trainer.load_state) if resume else None
     if found is None:
         if state_root.exists() and trainer.is_main:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatctl.artifacts import OutputDir, read_artifact
+from qatctl.artifacts import OutputDir, read_artifact, copy_plain_file
 
 STAGE, KIND = "convert-int4", "int4-checkpoint"
 INDEX = "model.safetensors.index.json"
@@ -119,7 +119,7 @@ def run(config: ConvertInt4Config) -> dict:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         for p in ckpt.iterdir():  # tokenizer, generation config, chat template
             if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX, "qatctl.json"):
-                shutil.copy2(p, tmp / p.name)
+                copy_plain_file(p, tmp / p.name)
 
         seconds = time.perf_counter() - t0
         bytes_out = sum((tmp / s).stat().st_size for s in shards)

@@ -132,6 +132,11 @@ def _validate(config: ServeConfig) -> None:
                            ("--threads", "threads")):
             if getattr(config, name) != getattr(ServeConfig, name):
                 raise QatctlError(f"{flag}: applies to the embedded backend only, not to --backend sglang")
+    if config.threads is not None and config.threads < 1:
+        raise QatctlError(f"--threads {config.threads}: must be >= 1 (default: the cores this process may use)")
+    if config.sglang_args and config.backend != "sglang":
+        raise QatctlError(f"unexpected arguments {' '.join(config.sglang_args)!r}: arguments after `--` go to "
+                          "sglang.launch_server and need --backend sglang")
     if config.api_key is not None and config.api_key_file is not None:
         raise QatctlError("--api-key and --api-key-file: give one")
 
@@ -167,11 +172,28 @@ def _claim_port(config: ServeConfig):
     return sock
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def run(config: ServeConfig) -> dict:
     from qatctl.artifacts import read_artifact
 
     _validate(config)
     config = _api_key(config)
+    if not _is_loopback(config.host) and not config.api_key:
+        from qatctl.ui import console
+
+        console.print(f"[yellow]warning:[/] --host {config.host} without an API key: anyone who can reach this "
+                      "address can generate and replace the served weights (/update_weights_from_disk loads any "
+                      "path this user can read); set QATCTL_API_KEY or --api-key-file", highlight=False)
     kinds = "int4-checkpoint" if config.weights == "int4" else ("int4-checkpoint", "qat-checkpoint")
     read_artifact(config.ckpt, kinds)
     if config.backend == "sglang":

@@ -181,10 +181,14 @@ def run(config: TrainSftQatConfig) -> dict:
         if not trainer.is_main:
             trainer.barrier()
             return {"status": "complete", "rank": rank}
-        shutil.rmtree(state_root, ignore_errors=True)
+        # trainer_state/ first (atomic: from then on a rerun after a kill resumes from it and
+        # trains nothing), the step states after it, the checkpoint last.
         trainer_state = state.write_trainer_state(tmp, model, optimizer, {"step": total})
+        if trainer.backend == "torch":
+            shutil.rmtree(state_root, ignore_errors=True)
         models.remove_fake_quant(model)
         models.save_checkpoint(model, tokenizer, tmp)
+        shutil.rmtree(state_root, ignore_errors=True)
         metrics = {**_summary(history, examples, n_targets, trainer), "continued_from": continued}
         manifest = out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics,
                               extra={"training": {"fake_quant": fake_quant,

@@ -32,6 +32,12 @@ def inputs(tmp_path_factory):
         folder = root / name
         shutil.copytree(good if not name.startswith("int4") else root / "int4", folder)
         fix(folder)
+        if name != "swapped":  # a manifest that agrees with the broken files: the readers' own checks
+            from qatctl.artifacts import sha256_file
+
+            m = json.loads((folder / "qatctl.json").read_text())
+            m["files"] = {n: sha256_file(folder / n) for n in m["files"]}
+            (folder / "qatctl.json").write_text(json.dumps(m))
         return folder
 
     raw = weights.read_bytes()
@@ -49,6 +55,7 @@ def inputs(tmp_path_factory):
         save_file(sd, f / "model.safetensors", metadata={"format": "pt"})
 
     broken("nan", nan)
+    broken("swapped", nan)  # a weight file changed after the manifest was written
     (root / "nonutf8.jsonl").write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')
     (root / "rollouts.jsonl").write_text(json.dumps({"prompt_ids": [1, 2], "output_ids": [3, 10**9]}) + "\n")
     (root / "afile").write_text("x")
@@ -73,6 +80,9 @@ def rl(ckpt, *extra, prompts=ARITH):
 CASES = [
     ("convert truncated safetensors", lambda r: ["convert-int4", r / "trunc"], ["trunc/model.safetensors",
                                                                                   "not a readable safetensors"]),
+    ("convert swapped weight file", lambda r: ["convert-int4", r / "swapped"],
+     ["swapped/model.safetensors", "sha256 differs from the one in qatctl.json"]),
+    ("rl swapped weight file", lambda r: rl(r / "swapped"), ["sha256 differs"]),
     ("convert empty safetensors", lambda r: ["convert-int4", r / "empty"], ["not a readable safetensors"]),
     ("convert corrupt safetensors", lambda r: ["convert-int4", r / "garbage"], ["not a readable safetensors"]),
     ("convert garbage config", lambda r: ["convert-int4", r / "badcfg"], ["config.json: not valid JSON"]),
@@ -139,7 +149,7 @@ def test_out_equal_to_input_is_refused(inputs, tmp_path):
 
 def test_strangers_partial_and_old_survive(inputs, tmp_path):
     out = tmp_path / "int4"
-    for name in ("int4.partial", "int4.old"):
+    for name in ("int4.partial", ".int4.qatctl-replaced"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "mine.txt").write_text("keep")
         assert_usage_error(qatctl("convert-int4", inputs / "good", "--out", out, check=False),
@@ -147,6 +157,18 @@ def test_strangers_partial_and_old_survive(inputs, tmp_path):
         assert (tmp_path / name / "mine.txt").read_text() == "keep"
         shutil.rmtree(tmp_path / name)
     qatctl("convert-int4", inputs / "good", "--out", out)  # with the way clear it runs
+
+
+def test_force_never_touches_the_users_own_old_folder(inputs, tmp_path):
+    """--force swaps the replaced artifact through a hidden name of qatctl's own: a complete
+    artifact the user keeps as OUT.old survives (it was deleted before)."""
+    out = tmp_path / "int4"
+    qatctl("convert-int4", inputs / "good", "--out", out)
+    shutil.copytree(out, tmp_path / "int4.old")
+    qatctl("init-qat", "tiny-llama", "--out", out, "--force")
+    assert json.loads((tmp_path / "int4.old" / "qatctl.json").read_text())["stage"] == "convert-int4"
+    assert json.loads((out / "qatctl.json").read_text())["stage"] == "init-qat"
+    assert not (tmp_path / ".int4.qatctl-replaced").exists()
 
 
 def test_second_run_on_one_out_fails_naming_the_holder(inputs, tmp_path):
