@@ -315,7 +315,6 @@ def _lock(path: Path):
     """An exclusive lock on --out for this run (a sibling lock file, removed on release): a second
     run on the same --out fails at once, naming the holder. Returns the release function."""
     import fcntl
-
     import stat
 
     lock = path.with_name(f".{path.name}.qatctl-lock")

@@ -64,6 +64,10 @@ def _run(stage_run, config):
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    if not Path("/dev/nvidia0").exists() and not Path("/dev/kfd").exists():
+        # transformers imports DeepSpeed when it is installed; told it is on CPU, it does not
+        # print a warning line on every stage run (its detection finds the same accelerator)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         with contextlib.redirect_stdout(sys.stderr):
             return stage_run(config)
@@ -75,8 +79,23 @@ def _run(stage_run, config):
     except OSError as e:  # an unwritable, full or missing path: the user's environment, not a bug
         if _state["debug"]:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        console.print(f"[bold red]error:[/] {where}{e.strerror or e}", highlight=False, soft_wrap=True)
+        import errno
+
+        out = getattr(config, "out", None)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and out is not None:  # the output's disk, whichever file
+            message = f"--out {out}: no space left on the device while writing it (nothing was replaced)"
+        else:
+            message = (f"{e.filename}: " if e.filename else "") + str(e.strerror or e)
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except Exception as e:
+        # safetensors reports a failed write (a full disk) as its own error type, not OSError
+        if type(e).__name__ != "SafetensorError" or _state["debug"]:
+            raise
+        out = getattr(config, "out", None)
+        where = f"--out {out}: " if out is not None else ""
+        console.print(f"[bold red]error:[/] {where}writing safetensors failed ({str(e).splitlines()[0][:200]})",
+                      highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
@@ -254,6 +273,8 @@ def plot(
         for d in run_dirs:
             if not d.is_dir():
                 raise QatctlError(f"{d}: no such folder")
+        if out is not None and out.suffix.lower() != ".png":
+            raise QatctlError(f"--out {out}: the plot is a PNG; give a path ending in .png")
         first = run_dirs[0]
         # Never inside an artifact (its files are digested in its manifest): beside it instead.
         default = (first.parent / f"{first.name}-rl-metrics.png" if (first / "qatctl.json").is_file()
@@ -392,14 +413,24 @@ def inspect(
     if json_:
         ui.emit_json(m)
         return
+    def items(field):  # a manifest edited by hand may hold anything: shown as it is, never a crash
+        v = m.get(field)
+        return v.items() if isinstance(v, dict) else ([] if v is None else [("", v)])
+
+    def described(x) -> str:
+        if not isinstance(x, dict):
+            return repr(x)
+        return f"{x.get('kind', '?')} {x.get('path', x.get('name', '?'))} sha256:{str(x.get('digest', '?'))[:12]}"
+
+    inputs = m.get("inputs") if isinstance(m.get("inputs"), list) else []
+    files = m.get("files")
     rows = [(k, m.get(k)) for k in ("stage", "kind", "status", "qatctl_version", "created")]
-    rows += [(f"config.{k}", v) for k, v in (m.get("config") or {}).items()]
-    rows += [(f"quant.{k}", v) for k, v in (m.get("quant") or {}).items()]
-    rows += [(f"input[{i}]", f"{x['kind']} {x.get('path', x.get('name'))} sha256:{x['digest'][:12]}") for i, x in enumerate(m.get("inputs", []))]
-    rows += [("files", f"{len(m.get('files', {}))} files")]
+    rows += [(f"config.{k}" if k else "config", v) for k, v in items("config")]
+    rows += [(f"quant.{k}" if k else "quant", v) for k, v in items("quant")]
+    rows += [(f"input[{i}]", described(x)) for i, x in enumerate(inputs)]
+    rows += [("files", f"{len(files)} files" if isinstance(files, (dict, list)) else repr(files))]
     ui.show(ui.table(str(path), rows))
-    metrics = m.get("metrics") or {}
-    mrows = [(k, v if not isinstance(v, dict) else f"{len(v)} entries") for k, v in metrics.items()]
+    mrows = [(k or "metrics", v if not isinstance(v, dict) else f"{len(v)} entries") for k, v in items("metrics")]
     if mrows:
         ui.show(ui.table("metrics", mrows, ("metric", "value")))
 

@@ -10,7 +10,6 @@ A target weight `M.weight` becomes `M.weight_packed` (int32 [out, in/8]), `M.wei
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch

@@ -155,12 +155,30 @@ def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as e:  # what transformers/tokenizers raise on a bad file
         raise QatctlError(f"{path}: the tokenizer does not load ({str(e).splitlines()[0][:200]})") from None
     except Exception as e:  # tokenizers' Rust errors (a garbage tokenizer.json) are plain Exceptions
         raise QatctlError(f"{path}: the tokenizer does not load ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]})") from None
+    check_vocab(tok, path)
+    return tok
+
+
+def check_vocab(tokenizer, path) -> None:
+    """A tokenizer with ids beyond the model's embedding would index past it (IndexError deep in
+    a forward): refused where both are read. Fewer ids than rows is normal (Qwen pads its vocab)."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return  # the checkpoint's own loader names a broken config.json
+    vocab = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise QatctlError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab} "
+                          "(tokenizer files from another model?)")
 
 
 def load_checkpoint(path, dtype=torch.float32):

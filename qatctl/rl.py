@@ -67,10 +67,18 @@ def load_reward(spec: str):
             module = importlib.util.module_from_spec(spec_)
             spec_.loader.exec_module(module)
         else:
+            # the current folder is searched for this import only, not for the rest of the process
             sys.path.insert(0, ".")
-            module = importlib.import_module(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(".")
     except ImportError as e:
         raise QatctlError(f"--reward {spec!r}: cannot import {module_name} ({e})") from None
+    except SyntaxError as e:
+        raise QatctlError(f"--reward {spec!r}: {e.filename}:{e.lineno}: syntax error ({e.msg})") from None
+    except Exception as e:  # the reward file's own code failed while it was imported
+        raise QatctlError(f"--reward {spec!r}: importing {module_name} raised {type(e).__name__}: {e}") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise QatctlError(f"--reward {spec!r}: {module_name} has no function {func_name!r}")

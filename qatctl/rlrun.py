@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qatctl import models, state
 from qatctl.grpo import GRPOLoop, rollout_tensors
+from qatctl.errors import QatctlError
 from qatctl.state import continue_from
 from qatctl.train import OptimSettings, compute_context, device_and_dtype, dist_env, make_trainer, resolve_compute_dtype
 
@@ -151,16 +152,22 @@ class Session:
         root = tmp / "state"
         final = state.final_state(tmp) if self.trainer is not None and self.trainer.backend == "torch" else None
         if self.c.resume and final is not None:  # every iteration ran; the kill came during the final save
-            meta = state.load_state(final, self.model, self.trainer.optimizer)
-            self.loop.iteration, self.loop.cursor = meta["iteration"], meta["cursor"]
-            history = [json.loads(ln) for ln in (tmp / "metrics.jsonl").read_text().splitlines()]
-            console.print(f"resuming from {final} (all {len(history)} iterations ran; writing the output)")
-            return history, len(history)
+            try:
+                meta = state.load_state(final, self.model, self.trainer.optimizer, require=("iteration", "cursor"))
+                history = [json.loads(ln) for ln in (tmp / "metrics.jsonl").read_text().splitlines()]
+            except (QatctlError, OSError, ValueError) as e:
+                console.print(f"[yellow]warning:[/] {final} does not load ({e}); resuming from the iteration states")
+                shutil.rmtree(final)
+            else:
+                self.loop.iteration, self.loop.cursor = meta["iteration"], meta["cursor"]
+                console.print(f"resuming from {final} (all {len(history)} iterations ran; writing the output)")
+                return history, len(history)
         if not self.c.resume:
             shutil.rmtree(final or tmp / state.TRAINER_STATE, ignore_errors=True)
         found = None
         if self.c.resume and self.trainer is not None:
-            found = state.load_newest(root, "iter", lambda f: state.load_state(f, self.model, self.trainer.optimizer))
+            found = state.load_newest(root, "iter", lambda f: state.load_state(
+                f, self.model, self.trainer.optimizer, require=("done", "iteration", "cursor", "history")))
         elif root.exists():
             shutil.rmtree(root)
         history, done = [], 0

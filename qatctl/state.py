@@ -119,9 +119,22 @@ def save_meta(folder: Path, state: dict) -> None:
     fsync_dir(folder)
 
 
-def load_meta(folder: Path, restore_rng: bool = True) -> dict:
+def _meta_of(folder: Path, state, require: tuple[str, ...]) -> dict:
+    """state.json's meta, with the keys a resumed loop needs: a state.json edited or cut to
+    something else is a one-line error naming it (so a resume falls back to an older state)."""
+    meta = state.get("meta") if isinstance(state, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    missing = [k for k in require if k not in meta]
+    if missing or not isinstance(state, dict):
+        raise QatctlError(f"{folder / STATE}: its meta lacks {', '.join(missing) or 'everything'} "
+                          "(not a resume state qatctl wrote)")
+    return meta
+
+
+def load_meta(folder: Path, restore_rng: bool = True, require: tuple[str, ...] = ()) -> dict:
     """state.json's meta, restoring the RNG state saved beside it."""
     state = read_json(folder / STATE)
+    _meta_of(folder, state, require)
     if restore_rng:
         rng = read_tensors(folder / RNG)
         torch.set_rng_state(rng["torch"])
@@ -130,7 +143,7 @@ def load_meta(folder: Path, restore_rng: bool = True) -> dict:
 
 
 def load_state(folder: Path, model, optimizer=None, scheduler=None, restore_rng: bool = True,
-               restore_groups: bool = True) -> dict:
+               restore_groups: bool = True, require: tuple[str, ...] = ()) -> dict:
     """Load masters (and the optimizer, scheduler and RNG when given) from `folder`; returns meta.
 
     `restore_groups` also restores the optimizer's hyperparameters (the scheduled lr of a resumed
@@ -138,6 +151,7 @@ def load_state(folder: Path, model, optimizer=None, scheduler=None, restore_rng:
     first; the model and optimizer change only when all of it fits.
     """
     state = read_json(folder / STATE)
+    _meta_of(folder, state, require)
     masters = named_masters(model)
     saved = read_tensors(folder / MASTERS)
     _check_tensors(folder / MASTERS, saved, {n: (tuple(p.shape), torch.float32) for n, p in masters.items()})

@@ -247,8 +247,8 @@ class Trainer:
         state.json last marks it complete."""
         state.save_state(folder, self.model, self.optimizer, self.scheduler, meta)
 
-    def load_state(self, folder: Path) -> dict:
-        return state.load_state(folder, self.model, self.optimizer, self.scheduler)
+    def load_state(self, folder: Path, require: tuple[str, ...] = ()) -> dict:
+        return state.load_state(folder, self.model, self.optimizer, self.scheduler, require=require)
 
 
 class DeepSpeedTrainer(Trainer):
@@ -343,7 +343,8 @@ class DeepSpeedTrainer(Trainer):
             state.save_meta(folder, {"meta": meta})
         self.barrier()
 
-    def load_state(self, folder: Path) -> dict:
+    def load_state(self, folder: Path, require: tuple[str, ...] = ()) -> dict:
+        state.load_meta(folder, restore_rng=False, require=require)  # checked before DeepSpeed reads
         self.engine.load_checkpoint(str(folder), tag="ds")
         return state.load_meta(folder)
 
@@ -445,13 +446,19 @@ def resume_steps(trainer, state_root: Path, resume: bool) -> tuple[list, int]:
 
     final = state.final_state(state_root.parent) if trainer.backend == "torch" else None
     if resume and final is not None:  # training had finished; the kill came during the final save
-        meta = trainer.load_state(final)
-        history = [json.loads(ln) for ln in (state_root.parent / "metrics.jsonl").read_text().splitlines()]
-        console.print(f"resuming from {final} (training finished at step {meta['step']}; writing the output)")
-        return history, meta["step"]
+        try:
+            meta = trainer.load_state(final, require=("step",))
+            history = [json.loads(ln) for ln in (state_root.parent / "metrics.jsonl").read_text().splitlines()]
+        except (QatctlError, OSError, ValueError) as e:
+            console.print(f"[yellow]warning:[/] {final} does not load ({e}); resuming from the step states")
+            shutil.rmtree(final)
+        else:
+            console.print(f"resuming from {final} (training finished at step {meta['step']}; writing the output)")
+            return history, meta["step"]
     if not resume and trainer.is_main:
         shutil.rmtree(state_root.parent / state.TRAINER_STATE, ignore_errors=True)
-    found = state.load_newest(state_root, "step", trainer.load_state) if resume else None
+    found = state.load_newest(state_root, "step", lambda f: trainer.load_state(f, require=("step", "history"))) \
+        if resume else None
     if found is None:
         if state_root.exists() and trainer.is_main:
             shutil.rmtree(state_root, ignore_errors=True)

@@ -9,6 +9,7 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
 
@@ -36,7 +37,7 @@ def table(title: str, rows, columns=("field", "value")) -> Table:
     for c in columns:
         t.add_column(c, overflow="fold")
     for row in rows:
-        t.add_row(*(fmt(v) for v in row))
+        t.add_row(*(Text(fmt(v)) for v in row))  # values are data, never rich markup
     return t
 
 

@@ -13,12 +13,11 @@ Writes: an HF folder SGLang and vLLM load as-is: every target Linear becomes `we
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatctl.artifacts import OutputDir, read_artifact, copy_plain_file
+from qatctl.artifacts import OutputDir, copy_plain_file, read_artifact
 
 STAGE, KIND = "convert-int4", "int4-checkpoint"
 INDEX = "model.safetensors.index.json"
@@ -79,7 +78,7 @@ def run(config: ConvertInt4Config) -> dict:
 
     from qatctl.convert import convert_tensor, quantization_config, target_module
     from qatctl.errors import QatctlError
-    from qatctl.models import check_weight_files
+    from qatctl.models import check_weight_files, load_tokenizer
     from qatctl.quant import QuantScheme
     from qatctl.state import read_json
     from qatctl.ui import progress
@@ -90,6 +89,7 @@ def run(config: ConvertInt4Config) -> dict:
     if not shards:
         raise QatctlError(f"{ckpt}: no *.safetensors weights")
     check_weight_files(ckpt)  # truncated / empty / corrupt shards: one line, before any output
+    load_tokenizer(ckpt)  # copied into the output: one that does not fit the model is refused here
     ignore, n_targets = _check_shapes(ckpt, shards, scheme)
 
     t0 = time.perf_counter()

@@ -195,7 +195,7 @@ def chunked_post(port: int, path: str, total: int, chunk: int = 1 << 16) -> byte
             data += chunk_
             if b"\r\n\r\n" in data and b"}" in data:
                 break
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     sock.close()
     return data
@@ -241,3 +241,93 @@ def test_concurrent_weight_updates_get_409_and_the_old_weights_keep_serving(long
         assert httpx.get(s.url + "/get_server_info", timeout=10).json()["model_path"] == str(long_int4[1])
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- the low ones, one line each
+
+def redigest(folder: Path) -> None:
+    """Rewrite a copied artifact's manifest digests, as if the odd file had been written by the stage."""
+    from qatctl.artifacts import sha256_file
+
+    m = json.loads((folder / "qatctl.json").read_text())
+    m["files"] = {n: sha256_file(folder / n) for n in m["files"]}
+    (folder / "qatctl.json").write_text(json.dumps(m))
+
+
+def test_a_reward_file_with_a_syntax_error_is_one_line(tiny, tmp_path):
+    bad = tmp_path / "bad_reward.py"
+    bad.write_text("def f(completion, answer):\n    return (\n")
+    p = qatctl(*rl_args(tiny, tmp_path / "out")[:-6], "--reward", f"{bad}:f", check=False)
+    assert_usage_error(p, "bad_reward.py", "syntax error")
+
+
+def test_a_module_reward_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
+    from qatctl.rl import load_reward
+
+    (tmp_path / "my_reward_mod.py").write_text("def f(completion, answer):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    assert load_reward("my_reward_mod:f")("x", "y") == 1.0
+    assert sys.path == before
+
+
+def test_inspect_shows_odd_manifest_fields_without_a_traceback(tiny, tmp_path):
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny / "init", odd)
+    m = json.loads((odd / "qatctl.json").read_text())
+    m.update(config="not an object", quant=[1, 2], inputs=[7, {"kind": "x"}], files=5, metrics={"a": "[/bold]"})
+    (odd / "qatctl.json").write_text(json.dumps(m))
+    p = qatctl("inspect", odd)
+    assert "not an object" in p.stderr and "[/bold]" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_plot_out_must_be_a_png(tmp_path):
+    (tmp_path / "runs").mkdir()
+    assert_usage_error(qatctl("plot", tmp_path / "runs", "--out", tmp_path / "x.txt", check=False), "x.txt", ".png")
+    assert not (tmp_path / "x.txt").exists() and not (tmp_path / "x.txt.png").exists()
+
+
+def test_a_state_with_an_empty_meta_falls_back_to_the_older_one(tiny, straight, tmp_path):
+    argv = sft_args(tiny, tmp_path / "out")
+    killed_at("step-saved", argv, nth=2)
+    newest = sorted((tmp_path / "out.partial" / "state").iterdir())[-1]
+    s = json.loads((newest / "state.json").read_text())
+    s["meta"] = {}
+    (newest / "state.json").write_text(json.dumps(s))
+    p = qatctl(*argv)
+    assert "meta lacks" in p.stderr and "trying an older one" in p.stderr
+    same_output(straight["sft"], tmp_path / "out")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny, tmp_path):
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(tiny / "init", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["vocab_size"] = 16  # fewer rows than the tokenizer has ids
+    (src / "config.json").write_text(json.dumps(cfg))
+    redigest(src)
+    for argv in (["convert-int4", src, "--out", tmp_path / "o1"], sft_args(tiny, tmp_path / "o2")[:1] + [src] +
+                 sft_args(tiny, tmp_path / "o2")[2:], ["accuracy", src, "--prompts", ARITH, "--limit", "1"]):
+        assert_usage_error(qatctl(*argv, check=False), "the tokenizer has", "vocab_size is 16")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("stage", ["convert-int4", "init-qat"])
+def test_a_full_disk_is_one_line_naming_the_output(tiny, small_disk, stage):
+    src = tiny / "init" if stage == "convert-int4" else "tiny-llama"
+    p = qatctl(stage, src, "--out", small_disk / "out", check=False)
+    assert_usage_error(p, f"--out {small_disk / 'out'}")
+    assert sorted(x.name for x in small_disk.iterdir()) == []  # nothing half-written stays
