@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from qatctl import rl
 from qatctl.errors import QatctlError
-from qatctl.grpo_settings import GRPOSettings  # noqa: F401  (re-exported: the loop's settings)
+from qatctl.grpo_settings import GRPOSettings, prompt_index  # noqa: F401  (GRPOSettings re-exported)
 
 
 def rollout_seed(seed: int, iteration: int, slot: int, sample: int) -> int:
@@ -105,8 +105,9 @@ class GRPOLoop:
             want = s.prompts_per_step - len(groups)
             if rounds:  # oversample by the informative rate seen so far, so later rounds stay batched
                 want = min(s.prompts_per_step, math.ceil(want * drawn / max(len(groups), 1)))
-            chosen = [(drawn + i, self.prompts[(self.cursor + i) % len(self.prompts)]) for i in range(want)]
-            self.cursor = (self.cursor + want) % len(self.prompts)
+            chosen = [(drawn + i, self.prompts[prompt_index(self.cursor + i, len(self.prompts), s.seed,
+                                                            s.prompt_order)]) for i in range(want)]
+            self.cursor += want  # every draw since iteration 0: a pass's permutation follows from it
             drawn += want
             rounds += 1
             t = time.perf_counter()

@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 
 from qatctl import models, state
-from qatctl.grpo import GRPOLoop, rollout_tensors
 from qatctl.errors import QatctlError
+from qatctl.grpo import GRPOLoop, rollout_tensors
 from qatctl.state import continue_from
 from qatctl.train import OptimSettings, compute_context, device_and_dtype, dist_env, make_trainer, resolve_compute_dtype
 
@@ -55,7 +55,7 @@ class Session:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.loop = GRPOLoop(c, model, pad, self.engine, self._trainer_for, reward_fn, prompts, sync=self._sync,
                              world=self.world, iteration=int(prev.get("iteration", 0)),
-                             cursor=int(prev.get("cursor", 0)) % len(prompts), reference=ref_model,
+                             cursor=int(prev.get("cursor", 0)), reference=ref_model,
                              device=self.device,
                              compute=lambda m: compute_context(m, self.compute_dtype, self.device))
         self.sync_root = None
@@ -190,6 +190,9 @@ class Session:
         return {**last, "iterations_run": len(history), "arm": self.c.arm, "fake_quant": self.fake_quant,
                 "reward_curve": curve("reward_mean"), "mismatch_curve": curve("train_rollout_logprob_abs_diff_mean"),
                 "rollout_engine": self.engine_info, "backend": self.trainer.backend if self.trainer else None,
+                # what a result must hold fixed from its first iteration to its last
+                "compute_dtype": str(self.compute_dtype), "threads": _threads(),
+                "prompt_order": self.c.prompt_order, "prompt_passes": round(self.loop.cursor / len(self.loop.prompts), 3),
                 "continued_from": self.continued}
 
     def save_policy(self, tmp: Path | None) -> dict | None:
@@ -215,6 +218,12 @@ class Session:
 
     def rl_state(self, prompts_path) -> dict:
         return {"iteration": self.loop.iteration, "cursor": self.loop.cursor, "prompts": str(prompts_path)}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _no_sync(model, iteration):

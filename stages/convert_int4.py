@@ -89,6 +89,7 @@ def run(config: ConvertInt4Config) -> dict:
     if not shards:
         raise QatctlError(f"{ckpt}: no *.safetensors weights")
     check_weight_files(ckpt)  # truncated / empty / corrupt shards: one line, before any output
+    read_json(ckpt / "config.json")  # a broken config.json is named as such, before the tokenizer reads it
     load_tokenizer(ckpt)  # copied into the output: one that does not fit the model is refused here
     ignore, n_targets = _check_shapes(ckpt, shards, scheme)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from qatctl.artifacts import OutputDir, read_artifact, sha256_file
 from qatctl.errors import QatctlError
-from qatctl.grpo_settings import GRPOSettings
+from qatctl.grpo_settings import PROMPT_ORDERS, GRPOSettings
 
 STAGE, KIND = "rl-step", "qat-checkpoint"
 ARMS = {("int4", True): "int4-qat", ("int4", False): "int4-ptq", ("bf16", False): "bf16"}
@@ -89,6 +89,8 @@ def _validate(c: RlStepConfig) -> None:
     finite("--kl-coef", c.kl_coef, lo=0.0)
     finite("--lr", c.lr, lo=0.0, lo_open=True, hi=1.0)
     finite("--max-grad-norm", c.max_grad_norm, lo=0.0)
+    if c.prompt_order not in PROMPT_ORDERS:
+        raise QatctlError(f"--prompt-order {c.prompt_order!r}: expected {' or '.join(PROMPT_ORDERS)}")
     if c.compute_dtype not in ("auto", "fp32", "bf16"):
         raise QatctlError(f"--compute-dtype {c.compute_dtype!r}: expected auto, fp32 or bf16")
     if c.rollout_precision not in ("int4", "bf16"):

@@ -220,5 +220,5 @@ def _summary(history: list, examples, n_targets: int, trainer) -> dict:
         "tokens": tokens, "tokens_per_s": tokens / sum(step_seconds) if step_seconds else None,
         "wall_seconds": history[-1]["wall_seconds"], "fake_quant_targets": n_targets,
         "fake_quant_steps": sum(r["fake_quant"] for r in history), "backend": trainer.backend,
-        "world_size": trainer.world,
+        "world_size": trainer.world, "threads": __import__("torch").get_num_threads(),
     }

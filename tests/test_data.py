@@ -86,8 +86,19 @@ def test_prompts_drop_trailing_assistant_and_need_answers(tmp_path, tok):
     assert data.load_prompts(path, tok, need_answer=False)[0].answer is None
 
 
+def _make_arith():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("make_arith", REPO / "recipes/data/make_arith.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_arith_data_is_what_the_generator_writes(tmp_path):
-    """recipes/data is reproducible from its generator, and the splits do not overlap."""
+    """recipes/data is reproducible from its generator, and its four splits pass the checks."""
     import subprocess
     import sys
 
@@ -95,8 +106,47 @@ def test_arith_data_is_what_the_generator_writes(tmp_path):
 
     subprocess.run([sys.executable, REPO / "recipes/data/make_arith.py", "--out", tmp_path], check=True,
                    capture_output=True)
-    for name in ("arith-train.jsonl", "arith-test.jsonl"):
-        assert (tmp_path / name).read_bytes() == (REPO / "recipes/data" / name).read_bytes(), name
-    q = lambda name: {json.loads(ln)["messages"][0]["content"].split(" ", 1)[1].rstrip("?.")  # noqa: E731
-                      for ln in (tmp_path / name).read_text().splitlines()}
-    assert not q("arith-train.jsonl") & q("arith-test.jsonl")
+    gen = _make_arith()
+    splits = {}
+    for name, file in gen.FILES.items():
+        assert (tmp_path / file).read_bytes() == (REPO / "recipes/data" / file).read_bytes(), file
+        splits[name] = [json.loads(ln) for ln in (tmp_path / file).read_text().splitlines()]
+    assert gen.check_splits(splits) == []
+    assert {n: len(r) for n, r in splits.items()} == gen.SIZES and gen.SIZES["test"] >= 600
+    for name, rows in splits.items():  # the same mix in every split, and in both halves of train
+        ops = [gen.problem_key(r)[0] for r in rows]
+        assert {op: ops.count(op) / len(ops) for op in "+-*"} == pytest.approx(gen.MIX, abs=0.003), name
+    half = [gen.problem_key(r)[0] for r in splits["train"][:1500]]
+    assert half.count("*") / 1500 == pytest.approx(0.2, abs=0.04)  # shuffled: no drift along the file
+    assert any(int(r["answer"]) < 0 for r in splits["test-oot"])
+    assert not any(int(r["answer"]) < 0 for n in ("train", "val", "test") for r in splits[n])
+
+
+def test_the_split_checks_catch_each_leak():
+    """check_splits can fail: a shared problem, an operand-swapped twin, an out-of-template wording
+    in train, and a split without one operation are each reported."""
+    import copy
+
+    gen = _make_arith()
+    good = gen.make(seed=7, sizes={"train": 300, "val": 50, "test": 100, "test-oot": 60})
+    assert gen.check_splits(good) == []
+
+    leak = copy.deepcopy(good)
+    leak["test"][0] = copy.deepcopy(leak["train"][0])
+    assert any("is also in" in p for p in gen.check_splits(leak))
+
+    twin = copy.deepcopy(good)
+    r = next(x for x in twin["test"] if gen.problem_key(x)[0] == "+" and gen.problem_key(x)[1] != gen.problem_key(x)[2])
+    _, a, b = gen.problem_key(r)
+    first = twin["train"][0]
+    first["messages"][0]["content"] = f"What is {b} + {a}?" if a < b else f"What is {a} + {b}?"
+    first["messages"][1]["content"] = f"{max(a, b)} + {min(a, b)} = {a + b}\nAnswer: {a + b}"
+    assert any("twin" in p for p in gen.check_splits(twin))
+
+    wording = copy.deepcopy(good)
+    wording["train"].append(copy.deepcopy(wording["test-oot"][0]))
+    assert any("is in train" in p for p in gen.check_splits(wording))
+
+    no_mul = copy.deepcopy(good)
+    no_mul["val"] = [x for x in no_mul["val"] if gen.problem_key(x)[0] != "*"]
+    assert any("'*'" in p for p in gen.check_splits(no_mul))

@@ -342,3 +342,35 @@ def test_compute_dtype_bad_input_and_manifest(root, tmp_path):
                        "--compute-dtype 'fp16'", absent=[out])
     qatctl("rl-step", *args(root, root / "llama", out), "--compute-dtype", "bf16")
     assert json.loads((out / "qatctl.json").read_text())["config"]["compute_dtype"] == "bf16"
+
+
+def test_seeds_draw_independent_prompt_orders_and_a_seed_reproduces(root, tmp_path):
+    """--seed sets the prompt order (a per-seed shuffle, not file order) as well as sampling; the
+    same seed reproduces a run bit for bit; --prompt-order file keeps file order."""
+    from qatctl.grpo_settings import prompt_index
+
+    runs = {}
+    for name, extra in (("s0", ["--seed", "0"]), ("s0-again", ["--seed", "0"]), ("s1", ["--seed", "1"]),
+                        ("file", ["--seed", "0", "--prompt-order", "file", "--no-dynamic-sampling"])):
+        qatctl("rl-step", *args(root, root / "llama", tmp_path / name, "--iterations", "2", *extra))
+        runs[name] = [r["prompt_index"] for r in rows_of(tmp_path / name) if r["sample"] == 0]
+    assert runs["s0"] == runs["s0-again"] and runs["s0"] != runs["s1"]
+    assert runs["s0"][:4] != [0, 1, 2, 3] and runs["file"] == list(range(8))
+    for name in ("model.safetensors", "trainer_state/masters.safetensors", "trainer_state/optimizer.safetensors"):
+        assert tensors_equal(load_file(tmp_path / "s0" / name), load_file(tmp_path / "s0-again" / name)), name
+    m = json.loads((tmp_path / "s0" / "qatctl.json").read_text())["metrics"]
+    assert m["prompt_order"] == "shuffle" and m["threads"] >= 1 and m["compute_dtype"]
+    # every pass over the prompts is a new permutation of all of them
+    n = 50
+    passes = [[prompt_index(e * n + i, n, 3, "shuffle") for i in range(n)] for e in range(2)]
+    assert sorted(passes[0]) == sorted(passes[1]) == list(range(n)) and passes[0] != passes[1]
+    assert_usage_error(qatctl("rl-step", *args(root, root / "llama", tmp_path / "x", "--prompt-order", "random"),
+                              check=False), "--prompt-order 'random'")
+
+
+def test_sft_data_order_follows_the_seed():
+    from qatctl.data import step_examples
+
+    orders = {seed: [step_examples(100, step, 8, seed) for step in range(3)] for seed in (0, 1)}
+    assert orders[0] != orders[1]
+    assert orders[0] == [step_examples(100, step, 8, 0) for step in range(3)]

@@ -4,7 +4,12 @@
    Every kernel computes each output as one fixed chain of fp32 operations by one thread: a row's
    result does not depend on how many rows are computed with it, on the other rows or on the
    thread count, so the engine stays batch-invariant. Blocking (rows and columns per inner loop)
-   changes only which independent chains run side by side, never the order inside a chain. */
+   changes only which independent chains run side by side, never the order inside a chain.
+
+   Every worksharing loop is schedule(dynamic): threads take the next block when they are free,
+   so a thread the OS descheduled (another process on the core) delays a region by one block,
+   not by its whole static share. Which thread computes a block never changes its bits: each
+   output is still one chain computed by one thread, and per-thread scratch is refilled per block. */
 
 #include <math.h>
 #include <stdint.h>
@@ -42,7 +47,7 @@ static inline uint16_t f32_to_bf16(float f) {
    columns side by side). Every output is one fp32 fma chain over k = 0..K-1, in that order. */
 static void bf16_rows(const float *x, const uint16_t *wp, float *y, int64_t M, int64_t N, int64_t K) {
     const int64_t NB = (N + 15) / 16;
-    #pragma omp for schedule(static)
+    #pragma omp for schedule(dynamic)
     for (int64_t nb = 0; nb < NB; nb++) {
         const uint16_t *wb = wp + nb * K * 16;
         const int64_t cols = N - nb * 16 < 16 ? N - nb * 16 : 16;
@@ -310,7 +315,7 @@ static void i4_run(const I4Args *a, int64_t NB) {
 #if I4_LAYOUT == 1
     if (M >= I4_EXPAND_MIN && a->scratch) {
         __m512bh *buf = (__m512bh *)(a->scratch + (size_t)omp_thread() * I4_SCRATCH(a->K));
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic)
         for (int64_t nb = 0; nb < NB; nb++) {
             i4_expand(a, nb, buf);
             int64_t m = 0;
@@ -323,14 +328,14 @@ static void i4_run(const I4Args *a, int64_t NB) {
 #endif
     const int64_t big = M >= I4_BIG_R ? M - M % I4_BIG_R : 0;
     if (big) {
-        #pragma omp for schedule(static) collapse(2)
+        #pragma omp for schedule(dynamic) collapse(2)
         for (int64_t sb = 0; sb < NB / I4_BIG_CB; sb++)
             for (int64_t m = 0; m < big; m += I4_BIG_R) I4_FN(I4_BIG_R, I4_BIG_CB)(a, m, sb * I4_BIG_CB);
     }
     if (big < M) {
         /* the rows left over: few, so the widest column blocks (more chains side by side) */
         const int64_t cb = big ? I4_BIG_CB : I4_SMALL_CB;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic)
         for (int64_t sb = 0; sb < NB / cb; sb++)
             for (int64_t m = big; m < M; m++) {
                 if (cb == I4_SMALL_CB) I4_FN(1, I4_SMALL_CB)(a, m, sb * cb);
@@ -459,12 +464,12 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
             for (int64_t l = 0; l < d->L; l++) {
                 const DecLayer *ly = layers + l;
                 float *Kc = kv[2 * l], *Vc = kv[2 * l + 1];
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++) rms_to_bf16(x + m * H, ly->in_norm, hb + m * H, H, d->eps);
                 I4Args a = {hb, ly->w[0], ly->s[0], qkv, M, nqkv, H, d->G, scratch};
                 i4_run(&a, ly->nb[0]);
                 /* q and k heads: norm, RoPE; k and v into the cache */
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic)
                 for (int64_t t = 0; t < M * (nh + nkv); t++) {
                     const int64_t m = t / (nh + nkv), hh = t % (nh + nkv), p = pos[m];
                     float *v = qkv + m * nqkv + hh * hd;
@@ -488,7 +493,7 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                     }
                 }
                 /* attention: one query head of one row per task */
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic)
                 for (int64_t t = 0; t < M * nh; t++) {
                     const int64_t m = t / nh, h = t % nh, n = pos[m] + 1;
                     const float *q = qkv + m * nqkv + h * hd;
@@ -519,14 +524,14 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                 }
                 a = (I4Args){hb, ly->w[1], ly->s[1], out, M, H, nh * hd, d->G, scratch};
                 i4_run(&a, ly->nb[1]);
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++) {
                     for (int64_t i = 0; i < H; i++) x[m * H + i] += out[m * H + i];
                     rms_to_bf16(x + m * H, ly->post_norm, hb + m * H, H, d->eps);
                 }
                 a = (I4Args){hb, ly->w[2], ly->s[2], gu, M, 2 * I, H, d->G, scratch};
                 i4_run(&a, ly->nb[2]);
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t i = 0; i < I; i++) {
                         const float g = gu[m * 2 * I + i], u = gu[m * 2 * I + I + i];
@@ -534,12 +539,12 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                     }
                 a = (I4Args){hb, ly->w[3], ly->s[3], out, M, H, I, d->G, scratch};
                 i4_run(&a, ly->nb[3]);
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t i = 0; i < H; i++) x[m * H + i] += out[m * H + i];
             }
             if (d->head) {  /* final norm (fp32) and the lm_head, in the same parallel region */
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++) {
                     const float r = 1.0f / sqrtf(sumsq(x + m * H, H) / (float)H + d->eps);
                     for (int64_t i = 0; i < H; i++) out[m * H + i] = x[m * H + i] * r * d->final_norm[i];
