@@ -388,7 +388,12 @@ def accuracy(
         engine = load_engine(model, weights="int4" if art.kind == "int4-checkpoint" else "fp32", device=device)
         rows = data.load_prompts(prompts, engine.tokenizer)[:limit]
         result = rl.exact_match_accuracy(engine, rows, score, max_new_tokens=max_new_tokens)
-        return {"model": str(model), "kind": art.kind, "kernel": engine.kernel, "device": str(engine.device), **result}
+        from qatctl.artifacts import sha256_file
+
+        # what `qatctl compare` needs to pair two scorings: the problems they are over
+        return {"model": str(model), "kind": art.kind, "kernel": engine.kernel, "device": str(engine.device),
+                "prompts": str(prompts), "prompts_digest": sha256_file(prompts), "limit": limit,
+                "max_new_tokens": max_new_tokens, "reward_name": reward, **result}
 
     result = _run(measure, None)
     from qatctl import ui
@@ -398,6 +403,39 @@ def accuracy(
         return
     ui.show(ui.table(f"accuracy of {model}", [(k, result[k]) for k in ("kind", "kernel", "correct", "total",
                                                                       "accuracy")]))
+
+
+@app.command("compare")
+def compare(
+    a: Annotated[Path, typer.Argument(help="`qatctl accuracy --json` output of the baseline (A).")],
+    b: Annotated[Path, typer.Argument(help="The same for the other model (B), on the same prompts.")],
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CI.")] = 10000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed (fixed: a table regenerates exactly).")] = 0,
+    json_: Json = False,
+):
+    """Paired difference B - A of two scorings of the same problems: bootstrap 95% CI and McNemar's exact p."""
+
+    def run_compare(_):
+        from qatctl.checks import finite
+        from qatctl.stats import compare_files
+
+        finite("--bootstrap", bootstrap, lo=100, hi=1_000_000)
+        return compare_files(a, b, bootstrap, seed)
+
+    r = _run(run_compare, None)
+    from qatctl import ui
+
+    if json_:
+        ui.emit_json(r)
+        return
+    pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731
+    rows = [("A", f"{r['a']}: {100 * r['a_mean']:.1f}%"), ("B", f"{r['b']}: {100 * r['b_mean']:.1f}%"),
+            ("problems", r["n"]), ("B - A (points)", pts(r["difference"])),
+            ("95% CI (paired bootstrap)", f"[{pts(r['ci95'][0])}, {pts(r['ci95'][1])}]"),
+            ("paired SE (points)", f"{100 * r['paired_se']:.2f}"),
+            ("A right, B wrong / A wrong, B right", f"{r['a_only']} / {r['b_only']}"),
+            ("McNemar exact p", r["mcnemar_p"])]
+    ui.show(ui.table("paired comparison", rows))
 
 
 @app.command("inspect")
