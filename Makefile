@@ -9,7 +9,7 @@ export DS_BUILD_OPS := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo lint bench results clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: setup
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/rl.py
 	$(BIN)/python bench/kernel_mismatch.py
+
+# Every RL table and plot of docs/results.md from the committed records under results/exp.
+results: setup
+	$(BIN)/python recipes/results.py
 
 clean:
 	rm -rf runs .cache

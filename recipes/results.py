@@ -1,0 +1,263 @@
+"""Rebuild the experiment's tables and plots from its committed records (`make results`).
+
+    python recipes/results.py                                  # results/exp -> docs/results.md + PNGs
+    python recipes/results.py --root R --tables T.md --no-plots  # what the test runs on a fixture
+
+Reads ROOT/sSEED/ARM/link-J/ as recipes/experiment.sh writes them (metrics.jsonl, rl.json,
+accuracy-{val,test,test-oot}-{int4,dense}.json with per-problem rewards) and writes:
+- the tables between `<!-- results:exp -->` markers of docs/results.md (and to --tables if given):
+  accuracy per arm and link (mean over seeds, min-max), paired comparisons (qatctl.stats: bootstrap
+  95% CI and McNemar over (seed, problem) pairs), reward and mismatch per arm;
+- docs/exp-reward.png (reward per iteration: per-seed lines faint, the seeds' mean of a 5-iteration
+  moving average bold, its min-max band) and docs/exp-accuracy.png (test accuracy per link, 95% CI).
+Nothing here is typed by hand: every number comes from the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from qatctl.stats import paired_compare  # noqa: E402
+
+ARMS = ("int4-qat", "int4-ptq", "bf16")
+SPLITS = ("val", "test", "test-oot")
+KINDS = ("int4", "dense")
+# The deployable (INT4) view of each arm, and what the bf16 arm's INT4 conversion is called.
+LABEL = {("int4-qat", "int4"): "int4-qat", ("int4-ptq", "int4"): "int4-ptq", ("bf16", "dense"): "bf16 (dense)",
+         ("bf16", "int4"): "bf16-then-ptq", ("int4-qat", "dense"): "int4-qat (dense)",
+         ("int4-ptq", "dense"): "int4-ptq (dense)"}
+
+
+def load(root: Path) -> dict:
+    """{seed: {arm: {link: {"acc": {(split, kind): {index: reward}}, "metrics": [...], "rl": {...}}}}}"""
+    runs: dict = {}
+    for link_dir in sorted(root.glob("s*/*/link-*")):
+        seed, arm, link = int(link_dir.parts[-3][1:]), link_dir.parts[-2], int(link_dir.name.split("-")[1])
+        rec = {"acc": {}, "metrics": [], "rl": None}
+        for split in SPLITS:
+            for kind in KINDS:
+                f = link_dir / f"accuracy-{split}-{kind}.json"
+                if f.is_file():
+                    rec["acc"][(split, kind)] = {s["index"]: float(s["reward"]) for s in json.loads(f.read_text())["samples"]}
+        if (link_dir / "metrics.jsonl").is_file():
+            rec["metrics"] = [json.loads(ln) for ln in (link_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        if (link_dir / "rl.json").is_file():
+            rec["rl"] = json.loads((link_dir / "rl.json").read_text())
+        runs.setdefault(seed, {}).setdefault(arm, {})[link] = rec
+    return runs
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def accuracy_table(runs: dict) -> list[str]:
+    lines = ["| arm | link (iterations) | seeds | " + " | ".join(f"{s} {k}" for k in KINDS for s in SPLITS) + " |",
+             "|---|---|---|" + "---|" * (len(SPLITS) * len(KINDS))]
+    for arm in ARMS:
+        links = sorted({j for s in runs.values() for j in s.get(arm, {})})
+        for j in links:
+            recs = [runs[s][arm][j] for s in sorted(runs) if j in runs[s].get(arm, {})]
+            cells = []
+            for kind in KINDS:
+                for split in SPLITS:
+                    accs = [sum(r["acc"][(split, kind)].values()) / len(r["acc"][(split, kind)])
+                            for r in recs if (split, kind) in r["acc"]]
+                    if not accs:
+                        cells.append("-")
+                    elif len(accs) == 1:
+                        cells.append(pct(accs[0]))
+                    else:
+                        cells.append(f"{pct(sum(accs) / len(accs))} [{pct(min(accs))}-{pct(max(accs))}]")
+            lines.append(f"| {arm} | {j} | {len(recs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def pairs(runs: dict, a: tuple, b: tuple, split: str) -> tuple[list, list, int]:
+    """(A rewards, B rewards, seeds) over every (seed, problem) that both sides scored.
+    a, b: (arm, link, kind)."""
+    xs, ys, seeds = [], [], 0
+    for s in sorted(runs):
+        ra, rb = runs[s].get(a[0], {}).get(a[1]), runs[s].get(b[0], {}).get(b[1])
+        if ra is None or rb is None or (split, a[2]) not in ra["acc"] or (split, b[2]) not in rb["acc"]:
+            continue
+        sa, sb = ra["acc"][(split, a[2])], rb["acc"][(split, b[2])]
+        common = sorted(set(sa) & set(sb))
+        xs += [sa[i] for i in common]
+        ys += [sb[i] for i in common]
+        seeds += 1
+    return xs, ys, seeds
+
+
+def comparison_table(runs: dict) -> list[str]:
+    lines = ["| comparison (B - A) | split | link | seeds | pairs | A % | B % | B - A (points) | 95% CI | McNemar p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    common = sorted(set.intersection(*[{j for s in runs.values() for j in s.get(arm, {})} for arm in ARMS if
+                                       any(arm in s for s in runs.values())] or [set()]))
+    rows = []
+    for j in [x for x in common if x > 0]:
+        for split in ("test", "test-oot"):
+            rows.append(("int4-qat vs bf16-then-ptq (both INT4)", split, j, ("bf16", j, "int4"), ("int4-qat", j, "int4")))
+            rows.append(("int4-qat vs int4-ptq (both INT4)", split, j, ("int4-ptq", j, "int4"), ("int4-qat", j, "int4")))
+    for arm, kind in (("int4-qat", "int4"), ("bf16", "dense"), ("bf16", "int4"), ("int4-ptq", "int4")):
+        links = sorted({x for s in runs.values() for x in s.get(arm, {})})
+        if len(links) > 1:
+            rows.append((f"{LABEL[(arm, kind)]}: link {links[-1]} vs its start", "test", links[-1],
+                         (arm, 0, kind), (arm, links[-1], kind)))
+    for name, split, j, a, b in rows:
+        xs, ys, seeds = pairs(runs, a, b, split)
+        if not xs:
+            continue
+        r = paired_compare(xs, ys, bootstrap=10000, seed=0)
+        p = "-" if r["mcnemar_p"] is None else f"{r['mcnemar_p']:.2g}"
+        lines.append(f"| {name} | {split} | {j} | {seeds} | {r['n']} | {pct(r['a_mean'])} | {pct(r['b_mean'])} | "
+                     f"{100 * r['difference']:+.1f} | [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}] | {p} |")
+    return lines
+
+
+def iterations(runs: dict, seed: int, arm: str) -> list[dict]:
+    """The arm's per-iteration metrics of one seed, links concatenated in order."""
+    rows = {}
+    for j in sorted(runs[seed].get(arm, {})):
+        for m in runs[seed][arm][j]["metrics"]:
+            rows[int(m["iteration"])] = m
+    return [rows[i] for i in sorted(rows)]
+
+
+def reward_table(runs: dict) -> list[str]:
+    lines = ["| arm | seeds | iterations | reward, first 10 | reward, last 10 | mean abs dlogp | max abs dlogp |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        series = [iterations(runs, s, arm) for s in sorted(runs) if arm in runs[s]]
+        series = [x for x in series if x]
+        if not series:
+            continue
+        n = min(len(x) for x in series)
+        first = [sum(m["reward_mean"] for m in x[:10]) / len(x[:10]) for x in series]
+        last = [sum(m["reward_mean"] for m in x[n - 10:n]) / len(x[n - 10:n]) for x in series]
+        mis = [m["train_rollout_logprob_abs_diff_mean"] for x in series for m in x[:n]
+               if m.get("train_rollout_logprob_abs_diff_mean") is not None]
+        mx = [m["train_rollout_logprob_abs_diff_max"] for x in series for m in x[:n]
+              if m.get("train_rollout_logprob_abs_diff_max") is not None]
+        span = lambda v: f"{sum(v) / len(v):.3f}" + (f" [{min(v):.3f}-{max(v):.3f}]" if len(v) > 1 else "")  # noqa: E731
+        lines.append(f"| {arm} | {len(series)} | {n} | {span(first)} | {span(last)} | "
+                     f"{(sum(mis) / len(mis)) if mis else float('nan'):.4f} | {max(mx) if mx else float('nan'):.3f} |")
+    return lines
+
+
+def tables(runs: dict) -> str:
+    seeds = sorted(runs)
+    out = [f"Records: {sum(len(links) for s in runs.values() for links in s.values())} links over seeds "
+           f"{', '.join(map(str, seeds))}. Accuracy: greedy exact match, % (mean over seeds [min-max]).", "",
+           "**Accuracy per arm and link**", "", *accuracy_table(runs), "",
+           "**Paired comparisons** (pairs: (seed, problem) scored by both; bootstrap over pairs, 10 000 resamples, "
+           "seed 0; McNemar exact)", "", *comparison_table(runs), "",
+           "**Reward and train/rollout mismatch per arm** (iterations: the shortest seed's; [min-max] over seeds)", "",
+           *reward_table(runs)]
+    return "\n".join(out) + "\n"
+
+
+def plots(runs: dict, png_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    colors = {"int4-qat": "tab:blue", "int4-ptq": "tab:orange", "bf16": "tab:green"}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm in ARMS:
+        series = [iterations(runs, s, arm) for s in sorted(runs) if arm in runs[s]]
+        series = [x for x in series if x]
+        if not series:
+            continue
+        n = min(len(x) for x in series)
+        smooth = []
+        for x in series:
+            its = [m["iteration"] for m in x]
+            r = [m["reward_mean"] for m in x]
+            ax.plot(its, r, color=colors[arm], alpha=0.2, lw=0.8)
+            smooth.append([sum(r[max(0, i - 4):i + 1]) / len(r[max(0, i - 4):i + 1]) for i in range(n)])
+        its = [m["iteration"] for m in series[0][:n]]
+        mean = [sum(v) / len(v) for v in zip(*smooth, strict=True)]
+        ax.plot(its, mean, color=colors[arm], lw=2.2, label=f"{arm} ({len(series)} seeds, 5-it. moving avg.)")
+        if len(series) > 1:
+            ax.fill_between(its, [min(v) for v in zip(*smooth, strict=True)], [max(v) for v in zip(*smooth, strict=True)],
+                            color=colors[arm], alpha=0.15)
+    ax.set(xlabel="RL iteration", ylabel="reward mean (all rollouts)", title="reward per iteration (faint: each seed)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    reward_png = png_dir / "exp-reward.png"
+    fig.savefig(reward_png, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (arm, kind), style in {("int4-qat", "int4"): "-o", ("int4-ptq", "int4"): "-s", ("bf16", "int4"): "-^",
+                               ("bf16", "dense"): "--^"}.items():
+        links = sorted({j for s in runs.values() for j in s.get(arm, {})})
+        xs, ys, es = [], [], []
+        for j in links:
+            vals = [v for s in sorted(runs) if j in runs[s].get(arm, {})
+                    for v in runs[s][arm][j]["acc"].get(("test", kind), {}).values()]
+            if not vals:
+                continue
+            p = sum(vals) / len(vals)
+            xs.append(j)
+            ys.append(100 * p)
+            es.append(100 * 1.96 * math.sqrt(p * (1 - p) / len(vals)))
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, fmt=style, color=colors[arm], capsize=3, label=LABEL[(arm, kind)])
+    ax.set(xlabel="RL iterations", ylabel="test accuracy, % (95% CI)", title="held-out test accuracy per link")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    acc_png = png_dir / "exp-accuracy.png"
+    fig.savefig(acc_png, dpi=100)
+    plt.close(fig)
+    return [reward_png, acc_png]
+
+
+def write_doc(doc: Path, body: str) -> None:
+    start, end = "<!-- results:exp -->", "<!-- /results:exp -->"
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=REPO / "results" / "exp")
+    ap.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
+    ap.add_argument("--tables", type=Path, help="also write the tables alone to this file")
+    ap.add_argument("--png-dir", type=Path, default=REPO / "docs")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-doc", action="store_true")
+    args = ap.parse_args()
+    runs = load(args.root)
+    if not runs:
+        raise SystemExit(f"{args.root}: no records (expected sSEED/ARM/link-J folders)")
+    body = tables(runs)
+    if args.tables:
+        args.tables.write_text(body)
+    if not args.no_doc:
+        write_doc(args.doc, body)
+    if not args.no_plots:
+        for p in plots(runs, args.png_dir):
+            print(f"wrote {p}")
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
