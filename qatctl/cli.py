@@ -64,6 +64,11 @@ def _run(stage_run, config):
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    # torch and the native kernels run OMP_NUM_THREADS threads; torch's own default follows the
+    # affinity mask but not a container's CPU quota, which oversubscribes the cores it has
+    cores = _usable_cores()
+    if "OMP_NUM_THREADS" not in os.environ and cores < (os.cpu_count() or cores):
+        os.environ["OMP_NUM_THREADS"] = str(cores)
     if not Path("/dev/nvidia0").exists() and not Path("/dev/kfd").exists():
         # transformers imports DeepSpeed when it is installed; told it is on CPU, it does not
         # print a warning line on every stage run (its detection finds the same accelerator)
@@ -100,6 +105,22 @@ def _run(stage_run, config):
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+def _usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container limited to 1.5 CPUs gets 2 threads on a 64-core host, not 64)."""
+    import math
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def _config(cls, scope: dict, **overrides):

@@ -155,3 +155,33 @@ def test_fused_decode_matches_the_torch_path(tiny_pairs, preset):
 
 def test_moe_engine_keeps_the_torch_decode(tiny_pairs):
     assert load_engine(tiny_pairs["tiny-qwen3-moe"][1]).decode_plan is None
+
+
+@native
+def test_dynamic_schedule_gives_the_same_bits_beside_a_busy_process(tiny_pairs):
+    """The native loops are schedule(dynamic): which thread takes a block changes from call to
+    call when another process takes a core, the bits never do (int4 linear at several M, and the
+    fused decode of a batch)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    threads = torch.get_num_threads()
+    try:
+        q, scale, _, x = _int4_case(3072, 576, 32, 11)
+        packed = kernels.pack_int4(q, scale, 32)
+        torch.set_num_threads(1)
+        ref = {m: kernels.int4_linear(x[:m], packed) for m in (1, 7, 40, 64)}
+        torch.set_num_threads(max(2, threads))
+        for _ in range(5):
+            for m, want in ref.items():
+                assert torch.equal(kernels.int4_linear(x[:m], packed), want), m
+        eng = load_engine(tiny_pairs["tiny-llama"][1])
+        prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+        sp = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+        torch.set_num_threads(1)
+        want = [(o.output_ids, o.logprobs) for o in eng.generate(prompts, sp)]
+        torch.set_num_threads(max(2, threads))
+        for _ in range(3):
+            assert [(o.output_ids, o.logprobs) for o in eng.generate(prompts, sp)] == want
+    finally:
+        torch.set_num_threads(threads)
+        spinner.kill()
+        spinner.wait()

@@ -331,3 +331,25 @@ def test_a_full_disk_is_one_line_naming_the_output(tiny, small_disk, stage):
     p = qatctl(stage, src, "--out", small_disk / "out", check=False)
     assert_usage_error(p, f"--out {small_disk / 'out'}")
     assert sorted(x.name for x in small_disk.iterdir()) == []  # nothing half-written stays
+
+
+def test_threads_default_to_the_cores_this_process_may_use(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    from qatctl.cli import _usable_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")
+    assert _usable_cores(quota) == 2
+    quota.write_text("max 100000\n")
+    assert _usable_cores(quota) == 8
+    assert _usable_cores(tmp_path / "absent") == 8
+    if shutil.which("taskset") is None:
+        pytest.skip("no taskset")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    argv = [str(a) for a in rl_args(tiny, tmp_path / "rl")][:-4]  # without --iterations 3 --save-every 1
+    p = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "qatctl.cli", *argv, "--iterations", "1", "--json"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["metrics"]["threads"] == 1
