@@ -1,18 +1,25 @@
-"""Benchmark: one GRPO iteration's time per phase, INT4 vs BF16 rollouts, side by side in one run;
-and the in-memory weight sync vs convert-int4 + an engine reload.
+"""Benchmark: one GRPO iteration's time per phase (a ledger), INT4 vs BF16 rollouts, at the task's
+short shape and at a rollout-dominated long shape; and the in-memory weight sync vs convert-int4 +
+an engine reload.
 
-    python bench/rl.py          (make bench)
+    python bench/rl.py          (make bench; RUNS=3 rounds by default)
 
-On SmolLM2-135M (init-qat of the GGUF, or runs/demo/sft when `make demo` has made it): for each
-arm, rl-step --iterations 3 (8 prompts x 8 samples x 24 tokens, the same seed and prompts), and
-the phases of iterations 2-3 (the first warms up) are averaged. Arms run alternately in one
-process so machine noise hits both. Writes docs/benchmarks.md#rl.
+On SmolLM2-135M (init-qat of the GGUF, or runs/demo/sft when `make demo` has made it), one thread
+count for everything. Two shapes:
+- short: the arithmetic task, 8 prompts x 8 samples x 24 new tokens, exact-number reward;
+- long: open-ended writing prompts, 4 prompts x 8 samples x 256 new tokens, a length reward (so no
+  group is flat and completions run to the cap): rollout-dominated, as long reasoning is.
+For each shape and arm, rl-step --iterations 3; phases are the mean of iterations 2 and 3 (the
+first warms up; sync is iteration 2's: the last is written, not pushed). Arms and shapes
+interleave in every round, so machine noise hits all of them; each cell is the median (min-max)
+over rounds. Writes docs/benchmarks.md#rl.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import sys
 import time
@@ -27,7 +34,14 @@ from stages import convert_int4, init_qat, rl_step  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "bench-rl"
 PROMPTS = ROOT / "recipes/data/arith-train.jsonl"
-PHASES = ("rollout", "reward", "score", "update", "sync", "iteration")
+ROUNDS = int(os.environ.get("RUNS", "3"))
+PHASES = ("rollout", "rollout_prefill", "rollout_decode", "reward", "score", "update", "sync_requantize",
+          "sync_load", "sync", "iteration")
+TOPICS = ["a lighthouse keeper", "a city under the sea", "the first day of school", "a robot learning to paint",
+          "a storm at harvest", "two rival bakers", "a lost library", "a journey across a desert"]
+LENGTH_REWARD = "def length(completion, answer):\n    return min(len(completion), 2000) / 2000.0\n"
+SHAPES = {"short": dict(prompts_per_step=8, samples_per_prompt=8, max_new_tokens=24),
+          "long": dict(prompts_per_step=4, samples_per_prompt=8, max_new_tokens=256)}
 
 
 def policy() -> Path:
@@ -39,11 +53,20 @@ def policy() -> Path:
     return init
 
 
-def arm(start: Path, name: str, **kw) -> list[dict]:
-    out = RUNS / name
+def long_inputs() -> tuple[Path, str]:
+    prompts = RUNS / "writing.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Write a long, detailed story about {t}."}], "answer": "0"}) + "\n"
+                               for t in TOPICS))
+    (RUNS / "length_reward.py").write_text(LENGTH_REWARD)
+    return prompts, f"{RUNS / 'length_reward.py'}:length"
+
+
+def arm(start: Path, name: str, shape: str, **kw) -> list[dict]:
+    out = RUNS / f"{name}-{shape}"
     shutil.rmtree(out, ignore_errors=True)
-    rl_step.run(rl_step.RlStepConfig(policy=start, prompts=PROMPTS, out=out, iterations=3, prompts_per_step=8,
-                                     samples_per_prompt=8, max_new_tokens=24, lr=1e-5, seed=0, **kw))
+    prompts, reward = (PROMPTS, "exact-number") if shape == "short" else long_inputs()
+    rl_step.run(rl_step.RlStepConfig(policy=start, prompts=prompts, out=out, iterations=3, lr=1e-5, seed=0,
+                                     reward=reward, **SHAPES[shape], **kw))
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -86,38 +109,59 @@ def sync_vs_reload(start: Path) -> dict:
 def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     start = policy()
-    int4 = arm(start, "int4-qat")
-    bf16 = arm(start, "bf16", rollout_precision="bf16")
+    arms = {"int4-qat": {}, "bf16": {"rollout_precision": "bf16"}}
+    runs: dict = {(a, sh): [] for sh in SHAPES for a in arms}
+    for r in range(ROUNDS):
+        for sh in SHAPES:
+            for a, kw in arms.items():
+                runs[(a, sh)].append(arm(start, a, sh, **kw))
+                print(f"round {r + 1}/{ROUNDS}: {a} {sh} done", file=sys.stderr)
     sync = sync_vs_reload(start)
 
-    def avg(ms, key):
-        vals = [m[key] for m in ms[1:] if m.get(key) is not None]
-        return sum(vals) / len(vals) if vals else float("nan")
+    def per_run(ms, key):
+        vals = [m.get(f"seconds_{key}") for m in (ms[1:2] if key.startswith("sync") else ms[1:])]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
 
-    rows = []
-    for phase in PHASES:
-        a, b = avg(int4, f"seconds_{phase}"), avg(bf16, f"seconds_{phase}")
-        ratio = f"{a / b:.2f}x" if b > 0.005 else "-"  # score is fused into update: ~0 s in both arms
-        rows.append(f"| {phase} | {a:.2f} | {b:.2f} | {ratio} |")
-    tok = [avg(ms, "rollout_tokens_per_s") for ms in (int4, bf16)]
+    def cell(vals, fmt="{:.2f}"):
+        vals = sorted(v for v in vals if v is not None)
+        if not vals:
+            return "-"
+        return f"{fmt.format(vals[len(vals) // 2])} ({fmt.format(vals[0])}-{fmt.format(vals[-1])})"
+
+    def median(vals):
+        vals = sorted(v for v in vals if v is not None)
+        return vals[len(vals) // 2] if vals else float("nan")
+
     lines = [
-        f"## RL iteration: INT4 vs BF16 rollouts ({datetime.date.today()})",
+        f"## RL iteration ledger: INT4 vs BF16 rollouts, short and long shapes ({datetime.date.today()})",
         "",
         f"Machine: {machine()}. `python bench/rl.py`: rl-step on SmolLM2-135M from `{start.relative_to(ROOT)}`, "
-        "8 prompts x 8 samples x 24 new tokens per iteration, dynamic sampling on, lr 1e-5, seed 0; "
-        "mean of iterations 2-3 of 3 (the first warms up). The bf16 arm rolls out the same engine's dense "
-        "BF16 path and trains without fake quant; the int4 arm rolls out the 4-bit kernel and trains "
-        "through fake quant. Iteration 3 is the run's last and is written, not synced, so `sync` is "
-        "iteration 2's.",
+        "lr 1e-5, seed 0, dynamic sampling on. short: the arithmetic task, 8 prompts x 8 samples x 24 new tokens; "
+        "long: writing prompts, 4 x 8 x 256 new tokens, a length reward. Phases: mean of iterations 2-3 of 3 "
+        f"(sync: iteration 2's); each cell the median (min-max) over {ROUNDS} interleaved rounds. The bf16 arm "
+        "rolls out the same engine's dense BF16 path and trains without fake quant; the int4 arm rolls out the "
+        "4-bit kernel and trains through fake quant. rollout = prefill + decode (+ bookkeeping); sync = "
+        "requantize (masters -> BF16 -> shared INT4 quantizer and packing) + load into the engine.",
         "",
-        "| phase (seconds) | int4-qat | bf16 | int4 / bf16 |",
-        "|---|---:|---:|---:|",
-        *rows,
-        "",
-        f"Rollout decode throughput: int4 {tok[0]:.0f} tok/s, bf16 {tok[1]:.0f} tok/s. Rollout phases draw "
-        "different numbers of prompts (dynamic sampling keeps sampling until 8 groups carry signal), so "
-        "compare per-token rates as well as seconds.",
-        "",
+    ]
+    for sh in SHAPES:
+        lines += [f"**{sh}** ({SHAPES[sh]['prompts_per_step']} x {SHAPES[sh]['samples_per_prompt']} x "
+                  f"{SHAPES[sh]['max_new_tokens']} tokens)", "",
+                  "| phase (seconds) | int4-qat | bf16 | int4 / bf16 (medians) |", "|---|---:|---:|---:|"]
+        for phase in PHASES:
+            a = [per_run(ms, phase) for ms in runs[("int4-qat", sh)]]
+            b = [per_run(ms, phase) for ms in runs[("bf16", sh)]]
+            ratio = f"{median(a) / median(b):.2f}x" if median(b) > 0.005 else "-"
+            lines.append(f"| {phase} | {cell(a)} | {cell(b)} | {ratio} |")
+        share = [per_run(ms, "rollout") / per_run(ms, "iteration") for ms in runs[("bf16", sh)]]
+        speed = [per_run(b, "iteration") / per_run(a, "iteration")
+                 for a, b in zip(runs[("int4-qat", sh)], runs[("bf16", sh)], strict=True)]
+        tok = {a: [median([m.get("rollout_tokens_per_s") for m in ms[1:]]) for ms in runs[(a, sh)]] for a in arms}
+        lines += ["", f"Rollout share of the bf16 iteration: {cell(share, '{:.0%}')}. Iteration speed-up of INT4 "
+                  f"rollouts (bf16 / int4 iteration seconds, paired by round): **{cell(speed)}x**. Rollout "
+                  f"tokens/s: int4 {cell(tok['int4-qat'], '{:.0f}')}, bf16 {cell(tok['bf16'], '{:.0f}')}.", ""]
+    lines += [
         f"Weight sync after an update (median of 3): in memory (masters -> BF16 -> shared INT4 converter -> "
         f"engine.update_weights) **{sync['sync']:.2f} s**, against **{sync['reload']:.2f} s** for saving the "
         f"BF16 checkpoint, convert-int4 and loading a fresh engine ({sync['reload'] / sync['sync']:.1f}x).",

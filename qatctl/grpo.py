@@ -78,7 +78,7 @@ class GRPOLoop:
         if fused:  # the update pass scored the tokens: its detached logprobs are the old policy's
             scored = self._mismatch([r for r in used if r["output_ids"] and "train_logprobs" in r])
         t = time.perf_counter()
-        self.sync_fn(self.model, self.iteration)
+        timings.update(self.sync_fn(self.model, self.iteration) or {})  # its parts, where it times them
         timings["sync"] = time.perf_counter() - t
         timings["iteration"] = time.perf_counter() - t0
 
@@ -113,6 +113,10 @@ class GRPOLoop:
             t = time.perf_counter()
             new = self._rollout(chosen)
             timings["rollout"] += time.perf_counter() - t
+            split = getattr(self.engine, "last_timings", None)  # the embedded engine's prefill / decode
+            if split:
+                for k in ("prefill", "decode"):
+                    timings[f"rollout_{k}"] = timings.get(f"rollout_{k}", 0.0) + split[k]
             t = time.perf_counter()
             for r in new:
                 r["reward"] = _checked_reward(self.reward_fn, r)

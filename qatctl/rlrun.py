@@ -99,11 +99,17 @@ class Session:
     def start_iteration_of(policy) -> int:
         return int((policy.manifest.get("rl") or {}).get("iteration", 0))
 
-    def _sync(self, model, iteration: int) -> None:
+    def _sync(self, model, iteration: int) -> dict:
+        """Push the updated policy to the engine; its parts' seconds: requantize (masters -> BF16
+        -> the shared INT4 quantizer and packing, or the BF16 copy) and load (into the engine)."""
+        import time
+
+        t = time.perf_counter()
         tensors = rollout_tensors(model, self.scheme, self.c.rollout_precision)
+        t2 = time.perf_counter()
         if not self.c.engine_url:
             self.engine.update_weights(tensors)
-            return
+            return {"sync_requantize": t2 - t, "sync_load": time.perf_counter() - t2}
         from qatctl.convert import write_int4_checkpoint
 
         folder = self.sync_root / f"iter-{iteration:06d}"
@@ -112,6 +118,7 @@ class Session:
         for old in self.sync_root.glob("iter-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
+        return {"sync_requantize": t2 - t, "sync_load": time.perf_counter() - t2}
 
     # ------------------------------------------------------------------ the run
 

@@ -332,11 +332,15 @@ class EmbeddedEngine:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise QatctlError(f"generate: {len(params)} sampling params for {len(prompts)} prompts")
+        import time
+
         batch = self.open_batch()
         seqs: list = [None] * len(prompts)
         waiting = list(range(len(prompts)))
         waiting.reverse()
+        prefill = decode = 0.0
         while waiting or batch.running:
+            t = time.perf_counter()
             while waiting and len(batch.running) < self.max_running:
                 i = waiting.pop()
                 cb = None if on_token is None else (lambda t, lp, _top, i=i: on_token(i, t, lp))
@@ -344,8 +348,14 @@ class EmbeddedEngine:
                     seqs[i] = batch.add(prompts[i], params[i], on_token=cb)
                 except QatctlError as e:
                     raise QatctlError(f"{e} (prompt {i})") from None
+            t2 = time.perf_counter()
+            prefill += t2 - t
             if batch.running:
                 batch.step()
+            decode += time.perf_counter() - t2
+        # where the last generate call's time went (prefill: prompts joining, the prefix cache
+        # included; decode: the batched steps, sampling included): RL's per-phase ledger reads it
+        self.last_timings = {"prefill": prefill, "decode": decode}
         return [s.completion for s in seqs]
 
     @torch.inference_mode()
