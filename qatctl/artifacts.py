@@ -194,6 +194,8 @@ class OutputDir:
                 and _run_key(existing.get("stage"), existing.get("config"), existing.get("inputs", []))
                 == self._run_key())
         if same:
+            if self.writer:  # newer than its inputs now, so a Make target on it is not stale
+                os.utime(self.path / MANIFEST)
             return existing
         raise QatctlError(f"{self.path}: holds a {existing.get('stage')} output with a different config or "
                           "inputs; pass --force to replace it")

@@ -88,3 +88,15 @@ def test_foreign_folder_in_the_way(tmp_path):
     with pytest.raises(QatctlError, match=r"--force replaces only qatctl outputs"):
         build(tmp_path / "out", force=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_up_to_date_touches_the_manifest_for_make(tmp_path):
+    """An up-to-date rerun leaves the output's manifest newer than its inputs (Make's convention:
+    a target older than a prerequisite is rebuilt every time)."""
+    import os
+
+    build(tmp_path / "out")
+    manifest = tmp_path / "out" / "qatctl.json"
+    os.utime(manifest, (1_000_000, 1_000_000))
+    _, built = build(tmp_path / "out")
+    assert not built and manifest.stat().st_mtime > 1_000_000 + 3600
