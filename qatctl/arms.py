@@ -123,15 +123,15 @@ def ablation(config, train, prompts, scheme) -> dict:
 
     from qatctl import models
     from qatctl.consistency import mismatch_metrics, weight_check
-    from qatctl.convert import int4_tensors, write_int4_checkpoint
     from qatctl.engines import load_engine
+    from qatctl.int4format import int4_tensors, write_int4_checkpoint
 
     # The INT4 arm's checkpoint, by the library's converter, in a scratch folder outside OUT.
     scratch = tempfile.TemporaryDirectory(prefix="qatctl-ablation-")
     work = Path(scratch.name)
     model, _ = models.load_checkpoint(train.path)
     write_int4_checkpoint(int4_tensors(models.disk_state_dict(model), scheme), train.path, work / "int4", scheme,
-                          note={"ablation_of": str(train.path)})
+                          note={"ablation_of": str(train.path)}, stage="eval-consistency")
     del model
     engines = {"int4": load_engine(work / "int4"), "bf16": load_engine(train.path, weights="fp32")}
     todo = jobs([p.prompt_ids for p in prompts], config)

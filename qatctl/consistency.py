@@ -101,43 +101,24 @@ def weight_check(train_ckpt: Path, infer_ckpt: Path, view: str, scheme) -> dict:
     inference BF16 weight). view 'bf16': the BF16 master itself. Reads the on-disk tensors, so
     fused MoE experts are compared per expert (the on-disk layout, which convert-int4 writes).
     """
-    from safetensors import safe_open
+    from qatctl.int4format import Int4Reader
+    from qatctl.quant import fake_quant_value, is_target
 
-    from qatctl.quant import dequant, fake_quant_value, is_target, unpack
-
-    def tensors(folder: Path) -> dict:
-        out = {}
-        for shard in sorted(Path(folder).glob("*.safetensors")):
-            with safe_open(shard, "pt") as f:
-                for k in f.keys():
-                    out[k] = (shard, k)
-        return out
-
-    def get(ref):
-        shard, key = ref
-        with safe_open(shard, "pt") as f:
-            return f.get_tensor(key)
-
-    train, infer = tensors(train_ckpt), tensors(infer_ckpt)
+    train, infer = Int4Reader.from_folder(train_ckpt), Int4Reader.from_folder(infer_ckpt)
     checked, different = 0, []
-    for key, ref in sorted(train.items()):
+    for key in sorted(train.keys):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module is None or not is_target(module, scheme):
             continue
-        w = get(ref)
+        w = train.tensor(key)
         if w.ndim != 2:
             continue
         mine = fake_quant_value(w.to(torch.bfloat16), scheme) if view == "fake-int4" else w.to(torch.bfloat16)
-        if f"{module}.weight_packed" in infer:
-            q = unpack(get(infer[f"{module}.weight_packed"]), get(infer[f"{module}.weight_shape"]).tolist())
-            theirs = dequant(q, get(infer[f"{module}.weight_scale"]), scheme.group_size)
-        elif key in infer:
-            theirs = get(infer[key]).to(torch.bfloat16)
-        else:
-            different.append(f"{module} (missing in {infer_ckpt})")
-            checked += 1
-            continue
         checked += 1
+        if not infer.is_quantized(module) and not infer.has(key):
+            different.append(f"{module} (missing in {infer_ckpt})")
+            continue
+        theirs = infer.weight(module).to(torch.bfloat16)
         if mine.shape != theirs.shape or not torch.equal(mine, theirs):
             different.append(module)
     return {"tensors": checked, "identical": checked - len(different),

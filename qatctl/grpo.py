@@ -15,7 +15,7 @@ Per iteration:
 3. PPO-clip update on group-normalized advantages (AdamW; the optimizer persists across
    iterations), optional k3 KL to a frozen reference.
 4. Weight sync: the fp32 masters are rounded to BF16 and re-quantized with the shared quantizer
-   (qatctl.convert.int4_tensors, the code convert-int4 runs), and swapped into the engine in
+   (qatctl.int4format.int4_tensors, the code convert-int4 runs), and swapped into the engine in
    memory (or written and pushed to a server by the `sync` callback).
 
 Rollout seeds depend on (seed, global iteration, draw slot, sample) only, and the training
@@ -322,7 +322,7 @@ def rollout_tensors(model, scheme, precision: str) -> dict[str, torch.Tensor]:
     """What the rollout engine must hold for the policy as it is now: the BF16 checkpoint tensors
     (rounded from the fp32 masters, exactly what save_checkpoint writes), converted to
     pack-quantized INT4 by the shared converter for the int4 arms."""
-    from qatctl.convert import int4_tensors
+    from qatctl.int4format import int4_tensors
     from qatctl.models import disk_state_dict
 
     state = disk_state_dict(model)

@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from qatctl.errors import QatctlError
 from qatctl.quant import QuantScheme, check_shape, fake_quant, fake_quant_value, is_target
+from qatctl.safeio import check_vocab, load_tokenizer  # noqa: F401  (re-exported)
 
 # Tiny random presets: every Linear input dim divides 128, so all group sizes apply.
 _TINY_COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -148,37 +149,6 @@ def load_source(src: ModelSource, seed: int = 0):
     with _input_errors(src.path, "the GGUF model"):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
-def load_tokenizer(path):
-    """The tokenizer of an HF folder; an unreadable tokenizer file is a one-line error."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as e:  # what transformers/tokenizers raise on a bad file
-        raise QatctlError(f"{path}: the tokenizer does not load ({str(e).splitlines()[0][:200]})") from None
-    except Exception as e:  # tokenizers' Rust errors (a garbage tokenizer.json) are plain Exceptions
-        raise QatctlError(f"{path}: the tokenizer does not load ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]})") from None
-    check_vocab(tok, path)
-    return tok
-
-
-def check_vocab(tokenizer, path) -> None:
-    """A tokenizer with ids beyond the model's embedding would index past it (IndexError deep in
-    a forward): refused where both are read. Fewer ids than rows is normal (Qwen pads its vocab)."""
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        return
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
-        return  # the checkpoint's own loader names a broken config.json
-    vocab = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
-    if isinstance(vocab, int) and len(tokenizer) > vocab:
-        raise QatctlError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab} "
-                          "(tokenizer files from another model?)")
 
 
 def load_checkpoint(path, dtype=torch.float32):

@@ -110,10 +110,11 @@ class Session:
         if not self.c.engine_url:
             self.engine.update_weights(tensors)
             return {"sync_requantize": t2 - t, "sync_load": time.perf_counter() - t2}
-        from qatctl.convert import write_int4_checkpoint
+        from qatctl.int4format import write_int4_checkpoint
 
         folder = self.sync_root / f"iter-{iteration:06d}"
-        write_int4_checkpoint(tensors, self.c.policy, folder, self.scheme, note={"iteration": iteration})
+        write_int4_checkpoint(tensors, self.c.policy, folder, self.scheme, note={"iteration": iteration},
+                              stage="rl-step")
         self.engine.update_weights_from_disk(str(folder.resolve()), weight_version=str(iteration))
         for old in self.sync_root.glob("iter-*"):
             if old != folder:

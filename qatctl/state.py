@@ -24,11 +24,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qatctl.artifacts import fsync_dir
 from qatctl.errors import QatctlError
+from qatctl.safeio import open_safetensors, read_json, read_tensors  # noqa: F401  (re-exported)
 
 TRAINER_STATE = "trainer_state"  # subfolder of a qat-checkpoint written by a training stage
 MASTERS, OPTIMIZER, STATE, RNG = "masters.safetensors", "optimizer.safetensors", "state.json", "rng.safetensors"
@@ -56,38 +56,6 @@ def _save_tensors(tensors: dict, path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def open_safetensors(path: Path):
-    """A safetensors handle whose header and every tensor's shape were read; a truncated, empty
-    or corrupt file is a one-line QatctlError naming it (the one place that maps those errors)."""
-    if not Path(path).is_file():
-        raise QatctlError(f"{path}: missing")
-    try:
-        handle = safe_open(str(path), "pt")
-        for key in handle.keys():
-            handle.get_slice(key).get_shape()
-    except Exception as e:  # SafetensorError, HeaderTooSmall, ... : safetensors' own error types
-        raise QatctlError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
-    return handle
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a missing, truncated or corrupt file is a QatctlError."""
-    f = open_safetensors(path)
-    try:
-        return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise QatctlError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QatctlError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QatctlError(f"{path}: not valid JSON ({e})") from None
 
 
 def save_state(folder: Path, model, optimizer=None, scheduler=None, meta: dict | None = None) -> None:

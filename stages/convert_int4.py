@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatctl.artifacts import OutputDir, copy_plain_file, read_artifact
+from qatctl.artifacts import OutputDir, read_artifact
 
 STAGE, KIND = "convert-int4", "int4-checkpoint"
-INDEX = "model.safetensors.index.json"
+INDEX = "model.safetensors.index.json"  # int4format.INDEX (this module imports no torch at load)
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int
     """
     from safetensors import safe_open
 
-    from qatctl.convert import ignored_modules, target_module
     from qatctl.errors import QatctlError
+    from qatctl.int4format import ignored_modules, target_module
     from qatctl.quant import check_shape
 
     dense, n = [], 0
@@ -74,10 +74,9 @@ def run(config: ConvertInt4Config) -> dict:
         return {**done, "up_to_date": True}
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from qatctl.convert import convert_tensor, quantization_config, target_module
     from qatctl.errors import QatctlError
+    from qatctl.int4format import convert_tensor, target_module, write_folder
     from qatctl.models import check_weight_files, load_tokenizer
     from qatctl.quant import QuantScheme
     from qatctl.state import read_json
@@ -95,32 +94,22 @@ def run(config: ConvertInt4Config) -> dict:
 
     t0 = time.perf_counter()
     bytes_in = sum((ckpt / s).stat().st_size for s in shards)
-    weight_map = {}
     with out.building() as tmp, progress() as bar:
         task = bar.add_task("convert-int4", total=n_targets, info="")
-        for shard in shards:
-            tensors = {}
-            with safe_open(ckpt / shard, "pt") as f:
-                for key in f.keys():
-                    t = f.get_tensor(key)
-                    tensors.update(convert_tensor(key, t, scheme, where=f"{ckpt / shard}: "))
-                    if (module := target_module(key, t.ndim, scheme)) is not None:
-                        bar.update(task, advance=1, info=module)
-            save_file(tensors, tmp / shard, metadata={"format": "pt"})
-            weight_map.update({k: shard for k in tensors})
-            del tensors
-        if (ckpt / INDEX).is_file():
-            index = json.loads((ckpt / INDEX).read_text())
-            index["weight_map"] = dict(sorted(weight_map.items()))
-            index.setdefault("metadata", {})["total_size"] = sum((tmp / s).stat().st_size for s in shards)
-            (tmp / INDEX).write_text(json.dumps(index, indent=2))
 
-        hf_config = read_json(ckpt / "config.json")
-        hf_config["quantization_config"] = quantization_config(scheme, ignore)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        for p in ckpt.iterdir():  # tokenizer, generation config, chat template
-            if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX, "qatctl.json"):
-                copy_plain_file(p, tmp / p.name)
+        def converted():  # one shard at a time: the input memory-mapped, one output shard held
+            for shard in shards:
+                tensors = {}
+                with safe_open(ckpt / shard, "pt") as f:
+                    for key in f.keys():
+                        t = f.get_tensor(key)
+                        tensors.update(convert_tensor(key, t, scheme, where=f"{ckpt / shard}: "))
+                        if (module := target_module(key, t.ndim, scheme)) is not None:
+                            bar.update(task, advance=1, info=module)
+                yield shard, tensors
+
+        index = read_json(ckpt / INDEX) if (ckpt / INDEX).is_file() else None
+        write_folder(tmp, ckpt, converted(), scheme, ignore, index)
 
         seconds = time.perf_counter() - t0
         bytes_out = sum((tmp / s).stat().st_size for s in shards)

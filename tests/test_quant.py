@@ -189,7 +189,7 @@ def test_bit_exact_on_every_smollm2_tensor(smollm2_pair):
     """Every quantized tensor of the real SmolLM2, both rules, every group size that divides it."""
     from safetensors import safe_open
 
-    from qatctl.convert import target_module as _target_module
+    from qatctl.int4format import target_module as _target_module
 
     ckpt, _ = smollm2_pair
     checked = 0

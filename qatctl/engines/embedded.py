@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from qatctl.engines import Completion, SamplingParams
 from qatctl.engines.linears import DenseLinear, Int4Linear, RowInvariantLinear
 from qatctl.errors import QatctlError
-from qatctl.quant import dequant, unpack
+from qatctl.quant import dequant
 
 log = logging.getLogger("qatctl.engine")
 SUPPORTED = ("llama", "qwen3", "qwen3_moe")
@@ -54,66 +54,46 @@ def _rotate(x, cos, sin_signed):
 
 
 class _Weights:
-    """Reads an HF checkpoint's tensors (int4 pack-quantized or dense) one by one: from a folder's
-    safetensors files, or from an in-memory {on-disk name: tensor} dict (rl-step's weight sync)."""
+    """The engine's view of a checkpoint's tensors (int4 pack-quantized or dense), read through
+    the format's one reader (qatctl.int4format.Int4Reader): from a folder, or from an in-memory
+    {on-disk name: tensor} dict (rl-step's weight sync)."""
 
-    def __init__(self, get, keys, int4: bool, group_size: int | None, weights: str, device: torch.device,
-                 where: str):
+    def __init__(self, reader, weights: str, device: torch.device):
         if weights not in ("int4", "fp32", "bf16"):
             raise QatctlError(f"engine: weights={weights!r}; expected int4, fp32 or bf16")
-        if weights == "int4" and not int4:
-            raise QatctlError(f"{where}: not an int4-checkpoint (no pack-quantized weights); "
+        if weights == "int4" and not reader.int4:
+            raise QatctlError(f"{reader.where}: not an int4-checkpoint (no pack-quantized weights); "
                               "pass weights='fp32' or 'bf16' to run it dense")
-        self._get, self.keys, self.int4, self.group_size = get, set(keys), int4, group_size
-        self.mode, self.device, self.where = weights, device, where
+        self.reader, self.group_size = reader, reader.group_size
+        self.mode, self.device, self.where = weights, device, reader.where
         self.checked = False
 
     @classmethod
     def from_folder(cls, folder: Path, cfg: dict, weights: str, device: torch.device):
-        from qatctl.state import open_safetensors
+        from qatctl.int4format import Int4Reader
 
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise QatctlError(f"{folder}: no *.safetensors weights")
-        handles = [open_safetensors(p) for p in files]
-        where = {k: h for h in handles for k in h.keys()}
-        qc = cfg.get("quantization_config") or {}
-        int4 = qc.get("format") == "pack-quantized"
-        if qc and not int4:
-            raise QatctlError(f"{folder}/config.json: quantization format {qc.get('format')!r} is not supported "
-                              "(expected compressed-tensors pack-quantized)")
-        try:
-            group = qc["config_groups"]["group_0"]["weights"]["group_size"] if int4 else None
-        except (KeyError, TypeError):
-            raise QatctlError(f"{folder}/config.json: quantization_config has no config_groups.group_0.weights."
-                              "group_size") from None
-        return cls(lambda k: where[k].get_tensor(k), where, int4, group, weights, device, str(folder))
+        return cls(Int4Reader.from_folder(folder, cfg), weights, device)
 
     @classmethod
     def from_tensors(cls, tensors: dict, group_size: int | None, weights: str, device: torch.device):
-        int4 = any(k.endswith(".weight_packed") for k in tensors)
-        return cls(tensors.__getitem__, tensors, int4, group_size, weights, device, "update_weights")
+        from qatctl.int4format import Int4Reader
+
+        return cls(Int4Reader.from_tensors(tensors, group_size), weights, device)
 
     def tensor(self, key):
-        if key not in self.keys:
-            raise QatctlError(f"{self.where}: tensor {key!r} is missing")
-        return self._get(key)
+        return self.reader.tensor(key)
 
     def vector(self, key):
         """A norm weight etc., fp32 on the engine's device."""
         return self.tensor(key).to(device=self.device, dtype=torch.float32)
 
     def has(self, key):
-        return key in self.keys
+        return self.reader.has(key)
 
     def linear(self, *modules):
         """One linear over the modules' outputs concatenated (fused q/k/v, gate/up)."""
-        if all(self.has(f"{m}.weight_packed") for m in modules):
-            qs, scales = [], []
-            for m in modules:
-                shape = self.tensor(f"{m}.weight_shape").tolist()
-                qs.append(unpack(self.tensor(f"{m}.weight_packed"), shape))
-                scales.append(self.tensor(f"{m}.weight_scale"))
+        if all(self.reader.is_quantized(m) for m in modules):
+            qs, scales = zip(*(self.reader.q_scale(m) for m in modules), strict=True)
             q, scale = torch.cat(qs), torch.cat(scales)
             if self.mode == "int4":
                 check, self.checked = not self.checked, True  # the first one proves the packing
@@ -203,7 +183,7 @@ class EmbeddedEngine:
         folder = Path(path)
         if not (folder / "config.json").is_file():
             raise QatctlError(f"{folder}: not a model folder (no config.json)")
-        from qatctl.state import read_json
+        from qatctl.safeio import read_json
 
         cfg = read_json(folder / "config.json")
         if not isinstance(cfg, dict) or cfg.get("model_type") not in SUPPORTED:
@@ -215,7 +195,7 @@ class EmbeddedEngine:
         dev = resolve_device(device)
         w = (_Weights.from_folder(folder, cfg, weights, dev) if tensors is None
              else _Weights.from_tensors(tensors, group_size, weights, dev))
-        from qatctl.models import load_tokenizer
+        from qatctl.safeio import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
         eos = cfg.get("eos_token_id")
@@ -402,7 +382,7 @@ class EmbeddedEngine:
     def update_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Swap in new weights from memory: {on-disk name: tensor}, exactly what the checkpoint's
         safetensors would hold (pack-quantized names for an int4 engine, from the shared quantizer
-        via qatctl.convert.int4_tensors; dense BF16 for a bf16/fp32 engine). Bit-identical to
+        via qatctl.int4format.int4_tensors; dense BF16 for a bf16/fp32 engine). Bit-identical to
         loading that checkpoint from disk: the same _build reads both. The engine keeps its mode."""
         w = _Weights.from_tensors(tensors, self.group_size, self.mode, self.device)
         w.checked = True  # the kernel's packing was proven when the engine loaded
