@@ -50,7 +50,8 @@ def load(root: Path) -> dict:
             rec["metrics"] = [json.loads(ln) for ln in (link_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         if (link_dir / "rl.json").is_file():
             rec["rl"] = json.loads((link_dir / "rl.json").read_text())
-        runs.setdefault(seed, {}).setdefault(arm, {})[link] = rec
+        if rec["acc"] or rec["metrics"]:  # a link still running has no records yet
+            runs.setdefault(seed, {}).setdefault(arm, {})[link] = rec
     return runs
 
 
