@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from conftest import qatctl
+from conftest import qatctl, redigest
 
 
 def hf_folder(path, hidden=128, nan=False):
@@ -83,6 +83,7 @@ def test_nan_in_qat_checkpoint_stops_convert(tmp_path, tiny_pairs):
     sd = load_file(bad / "model.safetensors")
     sd["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("inf")
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    redigest(bad)
     out = tmp_path / "int4"
     assert_usage_error(qatctl("convert-int4", bad, "--out", out, check=False),
                        "model.layers.1.self_attn.o_proj.weight: NaN/Inf", absent=[out])

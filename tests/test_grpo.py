@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_cli import assert_usage_error
 
-from conftest import REPO, make_int4, make_tiny, qatctl
+from conftest import REPO, make_int4, make_tiny, qatctl, redigest
 
 ARITH = REPO / "recipes/data/arith-train.jsonl"
 REWARDS = '''
@@ -233,6 +233,7 @@ def test_bad_input(root, tmp_path):
     key = next(k for k in state if k.endswith("q_proj.weight.exp_avg"))
     state[key] = state[key][:, :64].contiguous()
     save_file(state, opt)
+    redigest(tmp_path / "p1")
     assert_usage_error(qatctl("rl-step", *args(root, tmp_path / "p1", out), check=False), "optimizer.safetensors",
                        "another model", absent=[out])
     # A reward function that raises is the user's error, reported on one line.

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_cli import assert_usage_error
 from test_serve import Served, post, wait_running
 
-from conftest import REPO, make_tiny, qatctl
+from conftest import REPO, make_tiny, qatctl, redigest
 
 ARITH = REPO / "recipes/data/arith-train.jsonl"
 KILLAT = Path(__file__).with_name("killat.py")
@@ -244,15 +244,6 @@ def test_concurrent_weight_updates_get_409_and_the_old_weights_keep_serving(long
 
 
 # ---------------------------------------------------------------- the low ones, one line each
-
-def redigest(folder: Path) -> None:
-    """Rewrite a copied artifact's manifest digests, as if the odd file had been written by the stage."""
-    from qatctl.artifacts import sha256_file
-
-    m = json.loads((folder / "qatctl.json").read_text())
-    m["files"] = {n: sha256_file(folder / n) for n in m["files"]}
-    (folder / "qatctl.json").write_text(json.dumps(m))
-
 
 def test_a_reward_file_with_a_syntax_error_is_one_line(tiny, tmp_path):
     bad = tmp_path / "bad_reward.py"

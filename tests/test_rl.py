@@ -103,10 +103,13 @@ def test_rl_step_end_to_end(tiny_policy, tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     before, after = load_file(tiny_policy / "policy-0" / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    # rollouts.jsonl: 4 prompts x 4 samples, the first 4 prompts of the file, consistent fields.
+    # rollouts.jsonl: 4 prompts x 4 samples, the first 4 of seed 0's shuffled stream, consistent fields.
+    from qatctl.grpo_settings import prompt_index
+
     rows = [json.loads(ln) for ln in (out / "rollouts.jsonl").read_text().splitlines()]
-    prompts = [json.loads(ln) for ln in ARITH.read_text().splitlines()[:4]]
-    assert [(r["prompt_index"], r["sample"]) for r in rows] == [(i, k) for i in range(4) for k in range(4)]
+    prompts = [json.loads(ln) for ln in ARITH.read_text().splitlines()]
+    order = [prompt_index(i, len(prompts), 0, "shuffle") for i in range(4)]
+    assert [(r["prompt_index"], r["sample"]) for r in rows] == [(i, k) for i in order for k in range(4)]
     for r in rows:
         assert r["answer"] == prompts[r["prompt_index"]]["answer"]
         assert len(r["output_ids"]) == len(r["rollout_logprobs"]) == len(r["train_logprobs"]) <= 12
@@ -119,7 +122,7 @@ def test_rl_step_end_to_end(tiny_policy, tmp_path):
                            "--no-dynamic-sampling", "--json").stdout)
     assert m2["rl"] == {**m2["rl"], "iteration": 2, "cursor": 8}
     rows2 = [json.loads(ln) for ln in (tmp_path / "policy-2" / "rollouts.jsonl").read_text().splitlines()]
-    assert {r["prompt_index"] for r in rows2} == {4, 5, 6, 7}
+    assert {r["prompt_index"] for r in rows2} == {prompt_index(i, len(prompts), 0, "shuffle") for i in range(4, 8)}
     # The metric history plots.
     qatctl("plot", tmp_path)
     assert (tmp_path / "rl-metrics.png").stat().st_size > 1000
