@@ -66,6 +66,10 @@ def _run(stage_run, config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
     # torch and the native kernels run OMP_NUM_THREADS threads; torch's own default follows the
     # affinity mask but not a container's CPU quota, which oversubscribes the cores it has
+    # Two OpenMP runtimes share this process (torch's and the native kernels'); with the default
+    # spin-wait one's idle threads burn the cores the other (or another process) needs: measured
+    # 2x slower decode beside one busy process (bench/shared_cores.py). Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     cores = _usable_cores()
     if "OMP_NUM_THREADS" not in os.environ and cores < (os.cpu_count() or cores):
         os.environ["OMP_NUM_THREADS"] = str(cores)

@@ -217,8 +217,14 @@ def run(config: ServeConfig) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import threading
 
-    http = uvicorn.Server(uvicorn.Config(server.app, log_level="warning"))
+    http = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=60))
     web = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="qatctl-http", daemon=True)
+    # SIGTERM (a supervisor stopping the server) shuts down gracefully: no new connections, the
+    # requests in flight (a weight update included) are answered, then the process exits 0. The
+    # scheduler keeps stepping on this thread until the HTTP thread has finished.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: setattr(http, "should_exit", True))
     web.start()
     try:
         server.scheduler.run(stop=lambda: not web.is_alive())

@@ -344,3 +344,20 @@ def test_threads_default_to_the_cores_this_process_may_use(tiny, tmp_path, monke
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout)["metrics"]["threads"] == 1
+
+
+def test_sigterm_during_a_weight_update_answers_it_then_exits(long_int4):
+    import signal
+
+    s = Served(long_int4[0])
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, s, "/generate", body)
+        wait_running(s)
+        update = pool.submit(post, s, "/update_weights_from_disk", {"model_path": str(long_int4[1])})
+        time.sleep(0.3)  # the update waits for the running request
+        s.proc.send_signal(signal.SIGTERM)
+        assert running.result().status_code == 200
+        r = update.result()
+        assert r.status_code == 200 and r.json()["success"], r.text
+    assert s.proc.wait(90) == 0
