@@ -57,7 +57,7 @@ for j in 0 $LINKS; do
   [ -f "$A/int4-$j/qatctl.json" ] || qatctl convert-int4 "$A/policy-$j" --out "$A/int4-$j"
   score "$A/int4-$j" "$L" int4
   score "$A/policy-$j" "$L" dense
-  [ -s "$L/machine.txt" ] || { grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'; nproc;
+  [ -s "$L/machine.txt" ] || { grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | sed "s/^ //"; nproc --all;
                                echo "OMP_NUM_THREADS=$OMP_NUM_THREADS";
                                echo "qatctl $(git -C "$(dirname "$0")/.." rev-parse --short HEAD 2>/dev/null || echo unknown)"; } > "$L/machine.txt"
   echo "$RES/s$SEED/$ARM link $j: $(python3 -c "import json,sys; print(' '.join(f\"{s}={json.load(open(sys.argv[1]+f'/accuracy-{s}-int4.json'))['correct']}\" for s in sys.argv[2:]))" "$L" $SPLITS)"

@@ -172,6 +172,15 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    def finish(fig, ax, path: Path) -> Path:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
     colors = {"int4-qat": "tab:blue", "int4-ptq": "tab:orange", "bf16": "tab:green"}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for arm in ARMS:
@@ -193,12 +202,7 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
             ax.fill_between(its, [min(v) for v in zip(*smooth, strict=True)], [max(v) for v in zip(*smooth, strict=True)],
                             color=colors[arm], alpha=0.15)
     ax.set(xlabel="RL iteration", ylabel="reward mean (all rollouts)", title="reward per iteration (faint: each seed)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    reward_png = png_dir / "exp-reward.png"
-    fig.savefig(reward_png, dpi=100)
-    plt.close(fig)
+    reward_png = finish(fig, ax, png_dir / "exp-reward.png")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (arm, kind), style in {("int4-qat", "int4"): "-o", ("int4-ptq", "int4"): "-s", ("bf16", "int4"): "-^",
@@ -217,13 +221,7 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
         if xs:
             ax.errorbar(xs, ys, yerr=es, fmt=style, color=colors[arm], capsize=3, label=LABEL[(arm, kind)])
     ax.set(xlabel="RL iterations", ylabel="test accuracy, % (95% CI)", title="held-out test accuracy per link")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    acc_png = png_dir / "exp-accuracy.png"
-    fig.savefig(acc_png, dpi=100)
-    plt.close(fig)
-    return [reward_png, acc_png]
+    return [reward_png, finish(fig, ax, png_dir / "exp-accuracy.png")]
 
 
 def write_doc(doc: Path, body: str) -> None:
