@@ -7,6 +7,7 @@ at any moment leaves either no `DIR` or a complete earlier one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -195,7 +196,8 @@ class OutputDir:
                 == self._run_key())
         if same:
             if self.writer:  # newer than its inputs now, so a Make target on it is not stale
-                os.utime(self.path / MANIFEST)
+                with contextlib.suppress(OSError):  # a read-only output is still up to date
+                    os.utime(self.path / MANIFEST)
             return existing
         raise QatctlError(f"{self.path}: holds a {existing.get('stage')} output with a different config or "
                           "inputs; pass --force to replace it")
