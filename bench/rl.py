@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._report import machine, write_section  # noqa: E402
+from bench._report import machine, median, write_section  # noqa: E402
 from stages import convert_int4, init_qat, rl_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,11 +127,11 @@ def main() -> None:
         vals = sorted(v for v in vals if v is not None)
         if not vals:
             return "-"
-        return f"{fmt.format(vals[len(vals) // 2])} ({fmt.format(vals[0])}-{fmt.format(vals[-1])})"
+        return f"{fmt.format(median(vals))} ({fmt.format(vals[0])}-{fmt.format(vals[-1])})"
 
-    def median(vals):
-        vals = sorted(v for v in vals if v is not None)
-        return vals[len(vals) // 2] if vals else float("nan")
+    def med(vals):
+        vals = [v for v in vals if v is not None]
+        return median(vals) if vals else float("nan")
 
     lines = [
         f"## RL iteration ledger: INT4 vs BF16 rollouts, short and long shapes ({datetime.date.today()})",
@@ -152,12 +152,12 @@ def main() -> None:
         for phase in PHASES:
             a = [per_run(ms, phase) for ms in runs[("int4-qat", sh)]]
             b = [per_run(ms, phase) for ms in runs[("bf16", sh)]]
-            ratio = f"{median(a) / median(b):.2f}x" if median(b) > 0.005 else "-"
+            ratio = f"{med(a) / med(b):.2f}x" if med(b) > 0.005 else "-"
             lines.append(f"| {phase} | {cell(a)} | {cell(b)} | {ratio} |")
         share = [per_run(ms, "rollout") / per_run(ms, "iteration") for ms in runs[("bf16", sh)]]
         speed = [per_run(b, "iteration") / per_run(a, "iteration")
                  for a, b in zip(runs[("int4-qat", sh)], runs[("bf16", sh)], strict=True)]
-        tok = {a: [median([m.get("rollout_tokens_per_s") for m in ms[1:]]) for ms in runs[(a, sh)]] for a in arms}
+        tok = {a: [med([m.get("rollout_tokens_per_s") for m in ms[1:]]) for ms in runs[(a, sh)]] for a in arms}
         lines += ["", f"Rollout share of the bf16 iteration: {cell(share, '{:.0%}')}. Iteration speed-up of INT4 "
                   f"rollouts (bf16 / int4 iteration seconds, paired by round): **{cell(speed)}x**. Rollout "
                   f"tokens/s: int4 {cell(tok['int4-qat'], '{:.0f}')}, bf16 {cell(tok['bf16'], '{:.0f}')}.", ""]

@@ -77,7 +77,7 @@ def run_config(threads: int, busy: bool, passive: bool, ckpt: Path, int4: Path) 
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from bench._report import machine, write_section
+    from bench._report import machine, median, write_section
     from stages import convert_int4, init_qat
 
     ckpt, int4 = RUNS / "init", RUNS / "int4"
@@ -92,14 +92,14 @@ def main() -> None:
 
     def cell(c, key, fmt="{:.0f}"):
         vals = sorted(x[key] for x in results[c])
-        return f"{fmt.format(vals[len(vals) // 2])} ({fmt.format(vals[0])}-{fmt.format(vals[-1])})"
+        return f"{fmt.format(median(vals))} ({fmt.format(vals[0])}-{fmt.format(vals[-1])})"
 
     rows = []
     for c in configs:
         t, busy, passive = c
         rows.append(f"| {t} | {'one busy process' if busy else 'alone'} | {'passive' if passive else 'default'} | "
                     f"{cell(c, 'decode_b1')} | {cell(c, 'decode_b16')} | {cell(c, 'train_step_s', '{:.2f}')} |")
-    med = lambda c, k: sorted(x[k] for x in results[c])[len(results[c]) // 2]  # noqa: E731
+    med = lambda c, k: median([x[k] for x in results[c]])  # noqa: E731
     goal = []
     for passive in (False, True):
         alone1, busy2 = (1, False, passive), (2, True, passive)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench._report import replace_section  # noqa: E402
 from qatctl.stats import paired_compare  # noqa: E402
 
 ARMS = ("int4-qat", "int4-ptq", "bf16")
@@ -132,12 +132,16 @@ def iterations(runs: dict, seed: int, arm: str) -> list[dict]:
     return [rows[i] for i in sorted(rows)]
 
 
+def arm_series(runs: dict, arm: str) -> list[list[dict]]:
+    """The arm's per-iteration metrics, one list per seed that has any."""
+    return [x for x in (iterations(runs, s, arm) for s in sorted(runs) if arm in runs[s]) if x]
+
+
 def reward_table(runs: dict) -> list[str]:
     lines = ["| arm | seeds | iterations | reward, first 10 | reward, last 10 | mean abs dlogp | max abs dlogp |",
              "|---|---|---|---|---|---|---|"]
     for arm in ARMS:
-        series = [iterations(runs, s, arm) for s in sorted(runs) if arm in runs[s]]
-        series = [x for x in series if x]
+        series = arm_series(runs, arm)
         if not series:
             continue
         n = min(len(x) for x in series)
@@ -184,8 +188,7 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
     colors = {"int4-qat": "tab:blue", "int4-ptq": "tab:orange", "bf16": "tab:green"}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for arm in ARMS:
-        series = [iterations(runs, s, arm) for s in sorted(runs) if arm in runs[s]]
-        series = [x for x in series if x]
+        series = arm_series(runs, arm)
         if not series:
             continue
         n = min(len(x) for x in series)
@@ -225,14 +228,8 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
 
 
 def write_doc(doc: Path, body: str) -> None:
-    start, end = "<!-- results:exp -->", "<!-- /results:exp -->"
     text = doc.read_text() if doc.exists() else "# Results\n"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
+    doc.write_text(replace_section(text, "<!-- results:exp -->", "<!-- /results:exp -->", body))
 
 
 def main() -> None:
