@@ -188,17 +188,18 @@ class OutputDir:
         if not (self.path / MANIFEST).is_file():
             raise QatctlError(f"{self.path}: exists and is not a qatctl artifact; remove it yourself "
                               "(--force replaces only qatctl outputs)")
-        if self.force:
-            return None
         existing = read_manifest(self.path)
         same = (existing.get("status") == "complete"
                 and _run_key(existing.get("stage"), existing.get("config"), existing.get("inputs", []))
                 == self._run_key())
-        if same:
+        if same:  # also under --force, which replaces only a *different* output: a Make recipe
+            # passes it on every run, and an input touched without a change retrains nothing
             if self.writer:  # newer than its inputs now, so a Make target on it is not stale
                 with contextlib.suppress(OSError):  # a read-only output is still up to date
                     os.utime(self.path / MANIFEST)
             return existing
+        if self.force:
+            return None
         raise QatctlError(f"{self.path}: holds a {existing.get('stage')} output with a different config or "
                           "inputs; pass --force to replace it")
 

@@ -1,0 +1,127 @@
+"""recipes/loop.mk with the real `make` on a tiny preset (issue 29): a full build; a second build
+runs no qatctl command; changed SFT data reruns exactly SFT and what is downstream of it; a failed
+stage leaves no target that Make considers up to date."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+ARITH = REPO / "recipes/data/arith-train.jsonl"
+REWARD = "def odd_length(completion, answer):\n    return float(len(completion) % 2)\n"
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    log = root / "commands.log"
+    wrapper = root / "qatctl"  # the real CLI, every call logged: what Make ran
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nPYTHONPATH={REPO} exec {sys.executable} -m qatctl.cli "$@"\n')
+    wrapper.chmod(0o755)
+    (root / "rw.py").write_text(REWARD)
+    sft = root / "sft.jsonl"
+    sft.write_text("".join(ARITH.read_text().splitlines(keepends=True)[:32]))
+    for split in ("val", "test"):
+        (root / f"arith-{split}.jsonl").write_text(
+            "".join((REPO / f"recipes/data/arith-{split}.jsonl").read_text().splitlines(keepends=True)[:3]))
+    variables = [
+        f"QATCTL={wrapper}", f"RUN={root / 'run'}", "MODEL=tiny-llama", f"SFT_DATA={sft}", f"RL_PROMPTS={ARITH}",
+        f"EVAL={root}/arith-%.jsonl", "SPLITS=val test", "SPLITS_MID=val", "LINKS=1 2", "KINDS=int4 dense",
+        "SFT_FLAGS=--steps 2 --batch-size 2 --micro-batch 2 --lr 1e-3 --save-every 1",
+        f"RL_FLAGS=--prompts-per-step 2 --max-new-tokens 4 --lr 1e-3 --micro-batch 8 --reward {root}/rw.py:odd_length",
+        "SAMPLES=2", "ACC_FLAGS=--max-new-tokens 4", "CONSISTENCY_FLAGS=--limit 2 --samples-per-prompt 2 --max-new-tokens 4",
+    ]
+
+    def make(*args, check=True):
+        p = subprocess.run(["make", "-f", str(REPO / "recipes/loop.mk"), *variables, *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=900)
+        if check and p.returncode != 0:
+            raise AssertionError(f"make {' '.join(args)} exited {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        return p
+
+    def commands() -> list[str]:
+        """The qatctl commands run since the last call."""
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.write_text("")
+        return lines
+
+    return root, make, commands
+
+
+def _stage_counts(lines):
+    counts = {}
+    for ln in lines:
+        counts[ln.split()[0]] = counts.get(ln.split()[0], 0) + 1
+    return counts
+
+
+def test_loop_builds_once_then_reruns_exactly_what_changed_and_a_failure_stays_stale(loop):
+    root, make, commands = loop
+    run, reports = root / "run", root / "run/reports"
+
+    dry = make("-n").stdout  # -n prints the exact commands and runs none
+    assert f"init-qat tiny-llama --out {run}/init" in dry and "train-sft-qat" in dry and "--iterations 1" in dry
+    assert commands() == [] and not (run / "init").exists()
+
+    make("-j2")  # the whole loop, independent arms side by side
+    first = _stage_counts(commands())
+    # init; 2 SFT starts + their conversions; 3 arms x 2 links; each link's conversion; accuracy of
+    # (link 0, 2: val+test; link 1: val) x 2 kinds, link 0 scored once for bf16 and int4-ptq; the
+    # last link's consistency per arm
+    # init; 2 SFT starts + their conversions; 3 arms x 2 links, each converted; accuracy per arm of
+    # link 0 and 2 (val + test) and link 1 (val) x 2 kinds = 10, int4-ptq's link 0 copied from
+    # bf16's (one start, scored once); the last link's consistency per arm
+    assert first == {"init-qat": 1, "train-sft-qat": 2, "convert-int4": 2 + 6, "rl-step": 6,
+                     "accuracy": 10 + 10 + 6, "eval-consistency": 3}
+    for arm in ("int4-qat", "bf16", "int4-ptq"):
+        for j, splits in ((0, ("val", "test")), (1, ("val",)), (2, ("val", "test"))):
+            for split in splits:
+                for kind in ("int4", "dense"):
+                    rec = json.loads((reports / f"s0/{arm}/link-{j}/accuracy-{split}-{kind}.json").read_text())
+                    assert rec["total"] == 3 and len(rec["samples"]) == 3
+        for j in (1, 2):
+            rl = json.loads((reports / f"s0/{arm}/link-{j}/rl.json").read_text())
+            assert rl["config"]["iterations"] == 1 and rl["config"]["seed"] == 0
+            assert (reports / f"s0/{arm}/link-{j}/metrics.jsonl").read_text().strip()
+        assert "arms" in json.loads((reports / f"s0/{arm}/link-2/consistency.json").read_text())
+    assert json.loads((run / "s0/bf16/policy-1/qatctl.json").read_text())["config"]["rollout_precision"] == "bf16"
+
+    make()  # nothing to do: no qatctl command at all, and -q agrees
+    assert commands() == []
+    assert make("-q", check=False).returncode == 0
+
+    init_mtime = (run / "init/qatctl.json").stat().st_mtime_ns
+    sft = root / "sft.jsonl"
+    sft.write_text(sft.read_text() + ARITH.read_text().splitlines(keepends=True)[40])
+    assert make("-q", check=False).returncode == 1
+    make()
+    again = _stage_counts(commands())
+    assert "init-qat" not in again and (run / "init/qatctl.json").stat().st_mtime_ns == init_mtime
+    assert again["train-sft-qat"] == 2 and again["rl-step"] == 6 and again["eval-consistency"] == 3
+    sft_manifest = json.loads((run / "s0/sft-qat/qatctl.json").read_text())
+    assert any(i["path"] == str(sft) for i in sft_manifest["inputs"])
+    assert make("-q", check=False).returncode == 0
+
+    sft.write_text(sft.read_text() + "{not json\n")  # the SFT stage fails on this file
+    before = (run / "s0/sft-qat/qatctl.json").stat().st_mtime_ns
+    p = make(check=False)
+    assert p.returncode != 0 and "train-sft-qat" in "".join(commands())
+    assert (run / "s0/sft-qat/qatctl.json").stat().st_mtime_ns == before  # the old artifact, untouched
+    assert make("-q", check=False).returncode == 1  # and still stale: the next make retries it
+
+
+def test_loop_refuses_bad_variables(loop):
+    _, make, _ = loop
+    for bad, words in (("ARMS=int4-qat fp8", "ARMS: 'fp8'"), ("LINKS=10 x", "LINKS: 'x'"),
+                       ("THREADS=0", "THREADS"), ("EVAL=recipes/data/arith.jsonl", "needs a %")):
+        p = make("-n", bad, check=False)
+        assert p.returncode == 2 and words in p.stderr, (bad, p.stderr)
