@@ -9,7 +9,7 @@ export DS_BUILD_OPS := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast demo lint bench results clean
+.PHONY: setup test test-fast demo lint bench results experiment clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,15 @@ bench: setup
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/rl.py
 	$(BIN)/python bench/kernel_mismatch.py
+
+# docs/results.md's runs (recipes/loop.mk): four arms from two SFT starts per seed, 20 iterations,
+# scored on val every 10 and on val / test / test-oot at 0 and 20; records into results/exp.
+# `make experiment -j2` runs two jobs side by side (one thread each).
+EXP_RUN   ?= runs/exp
+EXP_SEEDS ?= 0 1 2
+experiment: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(MAKE) -f recipes/loop.mk RUN=$(EXP_RUN) REPORTS=results/exp \
+	  SEEDS="$(EXP_SEEDS)" ITERATIONS=20 EVERY=10 SPLITS_MID=val
 
 # Every RL table and plot of docs/results.md from the committed records under results/exp.
 results: setup

@@ -3,7 +3,7 @@
     python recipes/results.py                                  # results/exp -> docs/results.md + PNGs
     python recipes/results.py --root R --tables T.md --no-plots  # what the test runs on a fixture
 
-Reads ROOT/sSEED/ARM/link-J/ as recipes/experiment.sh writes them (metrics.jsonl, rl.json,
+Reads ROOT/sSEED/ARM/link-J/ as recipes/loop.mk writes them (REPORTS) (metrics.jsonl, rl.json,
 accuracy-{val,test,test-oot}-{int4,dense}.json with per-problem rewards) and writes:
 - the tables between `<!-- results:exp -->` markers of docs/results.md (and to --tables if given):
   accuracy per arm and link (mean over seeds, min-max), paired comparisons (qatctl.stats: bootstrap

@@ -38,6 +38,10 @@ def test_rerun_same_config_is_up_to_date_and_different_needs_force(tmp_path):
         build(tmp_path / "out", config={"a": 2})
     m3, built = build(tmp_path / "out", config={"a": 2}, force=True)
     assert built and m3["config"] == {"a": 2}
+    # --force replaces only a different output: the same run again is up to date (a Make recipe
+    # passes --force every time; an input touched without a change must not rebuild)
+    m4, built = build(tmp_path / "out", config={"a": 2}, force=True)
+    assert not built and m4 == m3
     assert read_artifact(tmp_path / "out").manifest == m3
     assert not (tmp_path / "out.old").exists()
 

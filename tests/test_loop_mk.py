@@ -35,7 +35,7 @@ def loop(tmp_path_factory):
             "".join((REPO / f"recipes/data/arith-{split}.jsonl").read_text().splitlines(keepends=True)[:3]))
     variables = [
         f"QATCTL={wrapper}", f"RUN={root / 'run'}", "MODEL=tiny-llama", f"SFT_DATA={sft}", f"RL_PROMPTS={ARITH}",
-        f"EVAL={root}/arith-%.jsonl", "SPLITS=val test", "SPLITS_MID=val", "LINKS=1 2", "KINDS=int4 dense",
+        f"EVAL={root}/arith-%.jsonl", "SPLITS=val test", "SPLITS_MID=val", "LINKS=1 2", "KINDS=int4",
         "SFT_FLAGS=--steps 2 --batch-size 2 --micro-batch 2 --lr 1e-3 --save-every 1",
         f"RL_FLAGS=--prompts-per-step 2 --max-new-tokens 4 --lr 1e-3 --micro-batch 8 --reward {root}/rw.py:odd_length",
         "SAMPLES=2", "ACC_FLAGS=--max-new-tokens 4", "CONSISTENCY_FLAGS=--limit 2 --samples-per-prompt 2 --max-new-tokens 4",
@@ -78,14 +78,14 @@ def test_loop_builds_once_then_reruns_exactly_what_changed_and_a_failure_stays_s
     # (link 0, 2: val+test; link 1: val) x 2 kinds, link 0 scored once for bf16 and int4-ptq; the
     # last link's consistency per arm
     # init; 2 SFT starts + their conversions; 3 arms x 2 links, each converted; accuracy per arm of
-    # link 0 and 2 (val + test) and link 1 (val) x 2 kinds = 10, int4-ptq's link 0 copied from
-    # bf16's (one start, scored once); the last link's consistency per arm
+    # link 0 and 2 (val + test) and link 1 (val) = 5, int4-ptq's link 0 copied from bf16's (one
+    # start, scored once); the last link's consistency per arm
     assert first == {"init-qat": 1, "train-sft-qat": 2, "convert-int4": 2 + 6, "rl-step": 6,
-                     "accuracy": 10 + 10 + 6, "eval-consistency": 3}
+                     "accuracy": 5 + 5 + 3, "eval-consistency": 3}
     for arm in ("int4-qat", "bf16", "int4-ptq"):
         for j, splits in ((0, ("val", "test")), (1, ("val",)), (2, ("val", "test"))):
             for split in splits:
-                for kind in ("int4", "dense"):
+                for kind in ("int4",):
                     rec = json.loads((reports / f"s0/{arm}/link-{j}/accuracy-{split}-{kind}.json").read_text())
                     assert rec["total"] == 3 and len(rec["samples"]) == 3
         for j in (1, 2):
@@ -119,8 +119,11 @@ def test_loop_builds_once_then_reruns_exactly_what_changed_and_a_failure_stays_s
     assert make("-q", check=False).returncode == 1  # and still stale: the next make retries it
 
 
-def test_loop_refuses_bad_variables(loop):
-    _, make, _ = loop
+def test_loop_scores_dense_policies_and_refuses_bad_variables(loop):
+    root, make, _ = loop
+    dry = make("-n", "-B", "KINDS=int4 dense").stdout  # dense: the policy itself, through the fp32 engine
+    assert f"accuracy {root}/run/s0/int4-qat/policy-1 --prompts {root}/arith-val.jsonl" in dry
+    assert f"accuracy {root}/run/s0/int4-qat/int4-1 --prompts {root}/arith-val.jsonl" in dry
     for bad, words in (("ARMS=int4-qat fp8", "ARMS: 'fp8'"), ("LINKS=10 x", "LINKS: 'x'"),
                        ("THREADS=0", "THREADS"), ("EVAL=recipes/data/arith.jsonl", "needs a %")):
         p = make("-n", bad, check=False)
