@@ -489,3 +489,46 @@ def test_server_batch_invariance_alone_joining_and_cached(long_server):
     cached = run()
     assert alone[2] == 0 and cached[2] == 4
     assert alone[:2] == joined[:2] == cached[:2]
+
+
+def test_remote_engine_sends_every_sampling_field(server, tiny_pairs):
+    """Each SamplingParams field set alone: a RemoteEngine on `qatctl serve` samples exactly what the
+    embedded engine does (ids, logprobs, finish reason, what matched, text, top logprobs), so no
+    field is dropped on the way; what SGLang's API cannot carry is refused."""
+    import dataclasses
+
+    from qatctl.engines import SamplingParams, load_engine
+    from qatctl.engines.remote import RemoteEngine
+    from qatctl.errors import QatctlError
+
+    local = load_engine(tiny_pairs["tiny-llama"][1])
+    remote = RemoteEngine(server.url, tokenizer=local.tokenizer)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    base = dict(temperature=1.0, max_new_tokens=10, seed=3, ignore_eos=True)
+    plain = local.generate(prompts, SamplingParams(**base))
+    tok, piece = plain[0].output_ids[3], plain[0].text[2:4]
+    special = local.tokenizer.all_special_ids[0]
+    changed = {  # field -> a value other than its default that changes what this request does
+        "temperature": 0.7, "top_p": 0.5, "top_k": 3, "max_new_tokens": 6, "stop_token_ids": (tok,), "stop": (piece,),
+        "seed": 11, "ignore_eos": False, "min_new_tokens": 4, "no_stop_trim": True, "skip_special_tokens": False,
+        "spaces_between_special_tokens": False, "logit_bias": ((special, 30.0), (tok, -5.0)),
+        "frequency_penalty": 1.5, "presence_penalty": -1.0, "repetition_penalty": 1.7, "top_logprobs": 3,
+    }
+    assert set(changed) == {f.name for f in dataclasses.fields(SamplingParams)}  # a new field needs a case here
+    context = {  # what a field needs around it to act at all
+        "no_stop_trim": {"stop": (piece,)}, "ignore_eos": {"logit_bias": ((local.tokenizer.eos_token_id, 30.0),)}, "min_new_tokens": {"ignore_eos": False, "stop_token_ids": (plain[0].output_ids[1],)},
+        "skip_special_tokens": {"logit_bias": ((special, 30.0),)},
+        "spaces_between_special_tokens": {"logit_bias": ((special, 30.0),), "skip_special_tokens": False},
+    }
+    inert = {"spaces_between_special_tokens"}  # a fast tokenizer's decode ignores it: sent, but no effect here
+    for name, value in changed.items():
+        sp = SamplingParams(**{**base, **context.get(name, {}), name: value})
+        a, b = local.generate(prompts, sp), remote.generate(prompts, sp)
+        without = local.generate(prompts, SamplingParams(**{**base, **context.get(name, {})}))
+        seen = lambda outs: [(o.output_ids, o.logprobs, o.finish_reason, o.matched, o.text, o.top_logprobs) for o in outs]  # noqa: E731
+        assert seen(a) == seen(b), name
+        assert (seen(a) != seen(without)) or name in inert, f"{name}: the case does not change the request"
+    with pytest.raises(QatctlError, match="top_logprobs differs"):
+        remote.generate(prompts, [SamplingParams(top_logprobs=1), SamplingParams(top_logprobs=2)])
+    with pytest.raises(QatctlError, match="logit_bias names a token id twice"):
+        remote.generate(prompts[:1], SamplingParams(logit_bias=((5, 1.0), (5, 2.0))))

@@ -84,21 +84,20 @@ class RemoteEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         params = params if isinstance(params, list) else [params] * len(prompts)
+        tops = {sp.top_logprobs for sp in params}
+        if len(tops) > 1:  # SGLang's top_logprobs_num is one per request, not per prompt
+            raise QatctlError(f"{self.url}/generate: top_logprobs differs between the prompts of one request "
+                              f"({sorted(tops)}); send them as separate calls")
         body = {"input_ids": [list(p) for p in prompts], "sampling_params": [_native(sp) for sp in params],
                 "return_logprob": True}
+        if top := tops.pop() if tops else 0:
+            body["top_logprobs_num"] = top
         out = self._post("/generate", body)
+        if isinstance(out, dict):
+            out = [out]
         if len(out) != len(prompts):
             raise QatctlError(f"{self.url}/generate: {len(out)} results for {len(prompts)} prompts", exit_code=1)
-        result = []
-        for p, r in zip(prompts, out, strict=True):
-            meta = r["meta_info"]
-            lps = meta.get("output_token_logprobs") or []
-            ids = r.get("output_ids") or [t for _, t, _ in lps]
-            fr = meta.get("finish_reason") or {}
-            result.append(Completion(prompt_ids=list(p), output_ids=list(ids), logprobs=[lp for lp, _, _ in lps],
-                                     finish_reason=fr.get("type", "length") if isinstance(fr, dict) else str(fr),
-                                     text=r.get("text", "")))
-        return result
+        return [_completion(p, r, top) for p, r in zip(prompts, out, strict=True)]
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         """Per-token logprobs of each completion (the server's input_token_logprobs)."""
@@ -128,12 +127,39 @@ class RemoteEngine:
 
 
 def _native(sp: SamplingParams) -> dict:
+    """Every SamplingParams field in SGLang's native `sampling_params` (top_logprobs goes as the
+    request's `top_logprobs_num`): a remote engine samples as the embedded one does."""
     d = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k if sp.top_k > 0 else -1,
-         "max_new_tokens": sp.max_new_tokens, "ignore_eos": sp.ignore_eos}
+         "max_new_tokens": sp.max_new_tokens, "min_new_tokens": sp.min_new_tokens, "ignore_eos": sp.ignore_eos,
+         "no_stop_trim": sp.no_stop_trim, "skip_special_tokens": sp.skip_special_tokens,
+         "spaces_between_special_tokens": sp.spaces_between_special_tokens,
+         "frequency_penalty": sp.frequency_penalty, "presence_penalty": sp.presence_penalty,
+         "repetition_penalty": sp.repetition_penalty}
     if sp.stop_token_ids:
         d["stop_token_ids"] = list(sp.stop_token_ids)
     if sp.stop:
         d["stop"] = list(sp.stop)
     if sp.seed is not None:
         d["sampling_seed"] = sp.seed
+    if sp.logit_bias:
+        bias = {str(tok): b for tok, b in sp.logit_bias}
+        if len(bias) != len(sp.logit_bias):  # SGLang's is a map: one bias per token id
+            raise QatctlError("sampling: logit_bias names a token id twice (a server takes one bias per id)")
+        d["logit_bias"] = bias
     return d
+
+
+def _completion(prompt: list[int], r: dict, top: int) -> Completion:
+    """A native /generate result as a Completion: ids, logprobs, finish reason and what matched,
+    text, and the per-step top logprobs when asked for."""
+    meta = r["meta_info"]
+    lps = meta.get("output_token_logprobs") or []
+    ids = r.get("output_ids") or [t for _, t, _ in lps]
+    fr = meta.get("finish_reason") or {}
+    tops = []
+    if top:
+        tops = [[(t, lp) for lp, t, _ in step] if step is not None else [] for step in meta.get("output_top_logprobs") or []]
+    return Completion(prompt_ids=list(prompt), output_ids=list(ids), logprobs=[lp for lp, _, _ in lps],
+                      finish_reason=fr.get("type", "length") if isinstance(fr, dict) else str(fr),
+                      text=r.get("text", ""), matched=fr.get("matched") if isinstance(fr, dict) else None,
+                      top_logprobs=tops)
