@@ -164,13 +164,8 @@ def variants(int4: Path) -> dict[str, EmbeddedEngine]:
 
     out = {}
     if kernels.available():
-        real = kernels.available
-        kernels.available = lambda: False
-        try:
-            out["int4, pure torch (aten int4, oneDNN fp32 lm_head)"] = EmbeddedEngine.load(int4, weights="int4")
-            head = EmbeddedEngine.load(int4, weights="int4")
-        finally:
-            kernels.available = real
+        out["int4, pure torch (aten int4, oneDNN fp32 lm_head)"] = EmbeddedEngine.load(int4, weights="int4", kernel="torch")
+        head = EmbeddedEngine.load(int4, weights="int4", kernel="torch")
         head.lm_head = RowInvariantLinear(head.embed, head.device)
         out["int4, + native BF16-read lm_head"] = head
         unfused = EmbeddedEngine.load(int4, weights="int4")

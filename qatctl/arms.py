@@ -9,8 +9,12 @@ Completion k of prompt i is sampled with seed `seed * 1_000_003 + i * samples_pe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qatctl.errors import QatctlError
+
+if TYPE_CHECKING:
+    from qatctl.engines import Engine
 
 VIEWS = ("fake-int4", "bf16")
 
@@ -55,7 +59,7 @@ def jobs(prompt_ids: list[list[int]], c) -> list[tuple[list[int], int]]:
     return [(p, c.seed * 1_000_003 + i * n + k) for i, p in enumerate(prompt_ids) for k in range(n)]
 
 
-def generate(engine, todo: list[tuple[list[int], int]], c) -> list[dict]:
+def generate(engine: Engine, todo: list[tuple[list[int], int]], c) -> list[dict]:
     """Seeded completions with the logprob of each sampled token; empty ones dropped."""
     from qatctl.engines import sample
 
@@ -80,7 +84,7 @@ def train_side(train_ckpt: Path, scheme, views, rollouts):
     return res
 
 
-def infer_side(engine, rollouts):
+def infer_side(engine: Engine, rollouts):
     """(rollout logprobs, engine argmax per position) for the rollouts."""
     P, C = [r["prompt_ids"] for r in rollouts], [r["output_ids"] for r in rollouts]
     scored, argmax = engine.score_argmax(P, C)

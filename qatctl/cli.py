@@ -416,7 +416,7 @@ def accuracy(
         from qatctl.artifacts import sha256_file
 
         # what `qatctl compare` needs to pair two scorings: the problems they are over
-        return {"model": str(model), "kind": art.kind, "kernel": engine.kernel, "device": str(engine.device),
+        return {"model": str(model), "kind": art.kind, "kernel": engine.kernel, "device": engine.info()["device"],
                 "prompts": str(prompts), "prompts_digest": sha256_file(prompts), "limit": limit,
                 "max_new_tokens": max_new_tokens, "reward_name": reward, **result}
 

@@ -10,10 +10,14 @@ import importlib
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from qatctl.errors import QatctlError
+
+if TYPE_CHECKING:
+    from qatctl.engines import Engine
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
@@ -135,7 +139,7 @@ def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     return (per_token * mask).sum() / max(n, 1.0), int(was_clipped)
 
 
-def exact_match_accuracy(engine, prompts, reward=exact_number, max_new_tokens: int = 32) -> dict:
+def exact_match_accuracy(engine: Engine, prompts, reward=exact_number, max_new_tokens: int = 32) -> dict:
     """Greedy accuracy of an engine on prompts with answers: {accuracy, correct, total, samples}."""
     from qatctl.engines import sample
 

@@ -93,7 +93,8 @@ class Session:
         else:  # quantized in memory by the shared converter: the bits convert-int4 would write
             engine = load_engine(policy.path, device=c.device, group_size=self.scheme.group_size,
                                  tensors=rollout_tensors(self.model, self.scheme, "int4"))
-        return engine, {"engine": "embedded", "kernel": engine.kernel, "lm_head_kernel": engine.lm_head.kernel}
+        info = engine.info()
+        return engine, {"engine": "embedded", "kernel": info["kernel"], "lm_head_kernel": info["lm_head_kernel"]}
 
     @staticmethod
     def start_iteration_of(policy) -> int:

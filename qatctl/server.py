@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -33,6 +34,9 @@ from qatctl.api import (
 from qatctl.engines.scheduler import Scheduler
 from qatctl.errors import QatctlError
 
+if TYPE_CHECKING:
+    from qatctl.engines import BatchingEngine
+
 log = logging.getLogger("qatctl.serve")
 HEALTH_CHECK_TIMEOUT_S = 20
 
@@ -49,7 +53,7 @@ def _finish(o) -> dict:
 class Server:
     """The FastAPI app and the state behind it (engine, scheduler, model path, weight version)."""
 
-    def __init__(self, engine, config, scheduler_thread: bool = True):
+    def __init__(self, engine: "BatchingEngine", config, scheduler_thread: bool = True):
         self.config = config
         self.engine = engine
         self.model_path = str(config.ckpt)

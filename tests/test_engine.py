@@ -261,3 +261,39 @@ def test_decode_attention_is_batch_invariant_at_every_thread_count():
                 torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_update_weights_from_disk_equals_a_fresh_load_and_refuses_another_architecture(tiny_pairs, tmp_path):
+    """The Engine protocol's update_weights_from_disk on the embedded engine: the other
+    checkpoint's tokens and logprobs bit for bit; another architecture, a dense folder on an
+    int4 engine, or a missing folder is refused and the engine keeps its weights."""
+    from conftest import make_pair
+
+    other = make_pair(tmp_path / "other", seed=1)[1]
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, seed=4, ignore_eos=True)
+    eng = load_engine(tiny_pairs["tiny-llama"][1])
+    before = eng.generate(prompts, sp)
+    assert "Succeeded" in eng.update_weights_from_disk(str(other))
+    fresh = load_engine(other).generate(prompts, sp)
+    after = eng.generate(prompts, sp)
+    assert [(o.output_ids, o.logprobs) for o in after] == [(o.output_ids, o.logprobs) for o in fresh]
+    assert [o.logprobs for o in after] != [o.logprobs for o in before]
+    for bad, words in ((tiny_pairs["tiny-qwen3"][1], "model_type"), (tiny_pairs["tiny-llama"][0], "not an int4-checkpoint"),
+                       (tmp_path / "missing", "no config.json")):
+        with pytest.raises(QatctlError, match=words):
+            eng.update_weights_from_disk(str(bad))
+        assert [o.logprobs for o in eng.generate(prompts, sp)] == [o.logprobs for o in fresh]
+    assert eng.info()["model"] == str(other)
+
+
+def test_engines_satisfy_their_protocols(tiny_pairs):
+    """Every member callers use is declared: the embedded engine is a BatchingEngine (what the
+    scheduler and server need), the remote one an Engine."""
+    from qatctl.engines import BatchingEngine, Engine
+    from qatctl.engines.remote import RemoteEngine
+
+    eng = load_engine(tiny_pairs["tiny-llama"][1])
+    assert isinstance(eng, BatchingEngine) and isinstance(eng, Engine)
+    remote = RemoteEngine("http://127.0.0.1:9", tokenizer=eng.tokenizer)
+    assert isinstance(remote, Engine) and not isinstance(remote, BatchingEngine)

@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO
 from qatctl.engines import SamplingParams, kernels, load_engine
+from qatctl.errors import QatctlError
 
 native = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the engine runs its pure-torch path")
 
@@ -81,6 +82,15 @@ print(json.dumps({{"kernel": eng.info()["lm_head_kernel"], "int4": eng.kernel, "
     eng = load_engine(tiny_pairs["tiny-llama"][1])
     assert eng.generate(prompts, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))[0].output_ids \
         == runs["0"]["ids"][0]
+    # kernel="torch" chooses the same pure-torch path in-process (what the benchmarks compare),
+    # bit for bit what the environment switch gives; the native engine stays native beside it
+    torch_path = load_engine(tiny_pairs["tiny-llama"][1], kernel="torch")
+    outs = torch_path.generate(prompts, SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True))
+    assert torch_path.kernel == runs["1"]["int4"] and torch_path.info()["lm_head_kernel"] == runs["1"]["kernel"]
+    assert [o.output_ids for o in outs] == runs["1"]["ids"] and [o.logprobs for o in outs] == runs["1"]["lps"]
+    assert torch_path.decode_plan is None and eng.kernel == runs["0"]["int4"]
+    with pytest.raises(QatctlError, match="kernel='fast'"):
+        load_engine(tiny_pairs["tiny-llama"][1], kernel="fast")
 
 
 def _int4_case(n, k, group, seed):

@@ -105,10 +105,34 @@ class Engine(Protocol):
     def update_weights(self, tensors: dict) -> None:
         """Swap weights in memory from the shared converter's tensors (bit-identical to a reload)."""
 
-    def info(self) -> dict: ...
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> str:
+        """Load a checkpoint from disk in place (SGLang's route of that name); a status message."""
+
+    def info(self) -> dict:
+        """What runs it: engine, kernel, device, lm_head_kernel, threads (what a server reports)."""
 
 
-def sample(engine, jobs: list[tuple[list[int], int | None]], temperature: float, max_new_tokens: int,
+@runtime_checkable
+class BatchingEngine(Engine, Protocol):
+    """What the continuous-batching scheduler and the server need beyond Engine (the embedded
+    engine offers it; a remote engine does its own batching)."""
+
+    device: Any  # torch.device
+    model_type: str
+    max_pos: int  # the longest prompt + completion, in tokens
+
+    def open_batch(self) -> Any:
+        """A decode batch (qatctl.engines.batch.Batch) that sequences join and leave step by step."""
+
+    def flush_cache(self) -> None:
+        """Drop every cached prompt prefix (weights changed, or a client asked)."""
+
+    def prompt_logprobs(self, ids: list[int], top_n: int = 0) -> tuple[list, list]:
+        """Per-position logprobs of a prompt's tokens (and top-N alternatives), as SGLang's
+        input_token_logprobs report them."""
+
+
+def sample(engine: Engine, jobs: list[tuple[list[int], int | None]], temperature: float, max_new_tokens: int,
            **sampling) -> list[Completion]:
     """The one seeded-generation helper: completion j is jobs[j]'s prompt sampled with jobs[j]'s
     seed (None: unseeded), all in one generate call (the engine batches continuously, and its

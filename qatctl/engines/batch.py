@@ -25,11 +25,15 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from qatctl.engines import Completion, SamplingParams
 from qatctl.errors import QatctlError
+
+if TYPE_CHECKING:
+    from qatctl.engines import BatchingEngine
 
 PREFIX_CACHE_BYTES = 256 * 2**20  # default budget of the prefix cache
 
@@ -86,7 +90,7 @@ class Sequence:
 
 
 class DecodeBatch:
-    def __init__(self, engine):
+    def __init__(self, engine: BatchingEngine):
         self.engine = engine
         self.running: list[Sequence] = []
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []

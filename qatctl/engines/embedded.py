@@ -58,7 +58,7 @@ class _Weights:
     the format's one reader (qatctl.int4format.Int4Reader): from a folder, or from an in-memory
     {on-disk name: tensor} dict (rl-step's weight sync)."""
 
-    def __init__(self, reader, weights: str, device: torch.device):
+    def __init__(self, reader, weights: str, device: torch.device, native: bool = True):
         if weights not in ("int4", "fp32", "bf16"):
             raise QatctlError(f"engine: weights={weights!r}; expected int4, fp32 or bf16")
         if weights == "int4" and not reader.int4:
@@ -66,19 +66,21 @@ class _Weights:
                               "pass weights='fp32' or 'bf16' to run it dense")
         self.reader, self.group_size = reader, reader.group_size
         self.mode, self.device, self.where = weights, device, reader.where
+        self.native = native  # the native kernels where they apply (False: the pure-torch path)
         self.checked = False
 
     @classmethod
-    def from_folder(cls, folder: Path, cfg: dict, weights: str, device: torch.device):
+    def from_folder(cls, folder: Path, cfg: dict, weights: str, device: torch.device, native: bool = True):
         from qatctl.int4format import Int4Reader
 
-        return cls(Int4Reader.from_folder(folder, cfg), weights, device)
+        return cls(Int4Reader.from_folder(folder, cfg), weights, device, native)
 
     @classmethod
-    def from_tensors(cls, tensors: dict, group_size: int | None, weights: str, device: torch.device):
+    def from_tensors(cls, tensors: dict, group_size: int | None, weights: str, device: torch.device,
+                     native: bool = True):
         from qatctl.int4format import Int4Reader
 
-        return cls(Int4Reader.from_tensors(tensors, group_size), weights, device)
+        return cls(Int4Reader.from_tensors(tensors, group_size), weights, device, native)
 
     def tensor(self, key):
         return self.reader.tensor(key)
@@ -97,7 +99,7 @@ class _Weights:
             q, scale = torch.cat(qs), torch.cat(scales)
             if self.mode == "int4":
                 check, self.checked = not self.checked, True  # the first one proves the packing
-                return Int4Linear(q, scale, self.group_size, self.device, check=check)
+                return Int4Linear(q, scale, self.group_size, self.device, check=check, native=self.native)
             w = dequant(q, scale, self.group_size)  # dense baseline of the same INT4 weights
         else:
             w = torch.cat([self.tensor(f"{m}.weight") for m in modules])
@@ -123,7 +125,7 @@ class EmbeddedEngine:
         ang = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv)
         self.cos = torch.cat([ang, ang], dim=-1).cos().float().to(self.device)
         self.sin_signed = torch.cat([-ang.sin(), ang.sin()], dim=-1).float().to(self.device)
-        self.mode, self.group_size = w.mode, w.group_size
+        self.mode, self.group_size, self.native = w.mode, w.group_size, w.native
         from qatctl.engines.batch import PrefixCache
 
         self.prefix_cache = PrefixCache()
@@ -134,7 +136,7 @@ class EmbeddedEngine:
         cfg = self.cfg
         self.embed = w.vector("model.embed_tokens.weight")
         self.lm_head = RowInvariantLinear(w.tensor("lm_head.weight") if w.has("lm_head.weight") else self.embed,
-                                          self.device)
+                                          self.device, native=w.native)
         self.final_norm = w.vector("model.norm.weight")
         self.layers = []
         qk_norm = self.model_type in ("qwen3", "qwen3_moe")
@@ -153,7 +155,7 @@ class EmbeddedEngine:
                 layer["k_norm"] = w.vector(f"{p}.self_attn.k_norm.weight")
             if w.has(f"{p}.mlp.gate.weight"):  # MoE block
                 n_exp = cfg.get("num_experts") or cfg["num_local_experts"]
-                layer["router"] = RowInvariantLinear(w.tensor(f"{p}.mlp.gate.weight"), self.device)
+                layer["router"] = RowInvariantLinear(w.tensor(f"{p}.mlp.gate.weight"), self.device, native=w.native)
                 layer["experts"] = [(w.linear(f"{p}.mlp.experts.{e}.gate_proj", f"{p}.mlp.experts.{e}.up_proj"),
                                      w.linear(f"{p}.mlp.experts.{e}.down_proj")) for e in range(n_exp)]
                 layer["top_k"], layer["norm_topk"] = cfg["num_experts_per_tok"], cfg.get("norm_topk_prob", True)
@@ -165,20 +167,29 @@ class EmbeddedEngine:
         self.kernel = first.kernel
         from qatctl.engines.kernels import DecodePlan
 
-        self.decode_plan = DecodePlan.plan(self)  # the fused native decode step, where it applies
+        self.decode_plan = DecodePlan.plan(self) if w.native else None  # the fused native decode step, where it applies
         self.weight_bytes = sum(lin.nbytes for layer in self.layers for lin in _linears(layer))
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, path, weights: str = "int4", device: str = "auto", tensors: dict | None = None,
-             group_size: int | None = None):
+             group_size: int | None = None, kernel: str = "auto"):
         """weights: 'int4' (the 4-bit kernel; needs an int4-checkpoint), or 'fp32' / 'bf16' to run
         any HF folder dense (an int4-checkpoint is then dequantized: a baseline, never the default).
         device: auto (CUDA when present), cpu or cuda. `tensors` (with `group_size` for int4) gives
         the weights from memory, as update_weights takes them; the folder then supplies only the
-        config and tokenizer."""
+        config and tokenizer. kernel: 'auto' (the native kernels where they apply), 'native'
+        (an error where they cannot build) or 'torch' (the pure-torch path: aten int4, oneDNN)."""
         from transformers import GenerationConfig
+
+        from qatctl.engines import kernels
+
+        if kernel not in ("auto", "native", "torch"):
+            raise QatctlError(f"engine: kernel={kernel!r}; expected auto, native or torch")
+        if kernel == "native" and not kernels.available():
+            raise QatctlError("engine: kernel='native' but the native kernels are unavailable on this machine "
+                              "(no C compiler, a failed build, or QATCTL_NO_NATIVE=1)")
 
         folder = Path(path)
         if not (folder / "config.json").is_file():
@@ -193,8 +204,9 @@ class EmbeddedEngine:
         from qatctl.engines import resolve_device
 
         dev = resolve_device(device)
-        w = (_Weights.from_folder(folder, cfg, weights, dev) if tensors is None
-             else _Weights.from_tensors(tensors, group_size, weights, dev))
+        native = kernel != "torch"
+        w = (_Weights.from_folder(folder, cfg, weights, dev, native) if tensors is None
+             else _Weights.from_tensors(tensors, group_size, weights, dev, native))
         from qatctl.safeio import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
@@ -384,7 +396,35 @@ class EmbeddedEngine:
         safetensors would hold (pack-quantized names for an int4 engine, from the shared quantizer
         via qatctl.int4format.int4_tensors; dense BF16 for a bf16/fp32 engine). Bit-identical to
         loading that checkpoint from disk: the same _build reads both. The engine keeps its mode."""
-        w = _Weights.from_tensors(tensors, self.group_size, self.mode, self.device)
+        self._swap(_Weights.from_tensors(tensors, self.group_size, self.mode, self.device, self.native))
+
+    SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "head_dim", "vocab_size", "num_experts", "num_local_experts",
+                  "num_experts_per_tok", "moe_intermediate_size", "tie_word_embeddings")
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> str:
+        """Load another checkpoint of the same architecture in place (SGLang's route of that name;
+        a server instead swaps whole engines, so the model may change there). The engine keeps its
+        mode, kernel choice and device; `weight_version` is a server's label and not kept here."""
+        from qatctl.safeio import read_json
+
+        folder = Path(model_path)
+        if not (folder / "config.json").is_file():
+            raise QatctlError(f"{folder}: not a model folder (no config.json)")
+        cfg = read_json(folder / "config.json")
+        differs = [k for k in self.SHAPE_KEYS if (cfg or {}).get(k) != self.cfg.get(k)]
+        if differs:
+            raise QatctlError(f"{folder}/config.json: {differs[0]} {(cfg or {}).get(differs[0])!r} differs from the "
+                              f"engine's {self.cfg.get(differs[0])!r} (load a new engine for another architecture)")
+        w = _Weights.from_folder(folder, cfg, self.mode, self.device, self.native)
+        if w.group_size != self.group_size:
+            raise QatctlError(f"{folder}: group size {w.group_size} differs from the engine's {self.group_size}")
+        self._swap(w)
+        self.folder = folder
+        return f"Succeeded to update model weights from {model_path}"
+
+    def _swap(self, w: _Weights) -> None:
+        """Rebuild every weight-holding part from `w`; on any failure the engine stays as it was."""
         w.checked = True  # the kernel's packing was proven when the engine loaded
         old = {k: getattr(self, k) for k in ("embed", "lm_head", "final_norm", "layers", "kernel", "weight_bytes")}
         try:

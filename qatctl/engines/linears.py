@@ -29,13 +29,13 @@ class Int4Linear:
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, device: torch.device = CPU,
-                 check: bool = False):
+                 check: bool = False, native: bool = True):
         from qatctl.engines import kernels
 
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.native = None
-        if device.type == "cpu" and kernels.available() and self.in_features % group_size == 0 \
+        if native and device.type == "cpu" and kernels.available() and self.in_features % group_size == 0 \
                 and group_size % 2 == 0 and torch.equal(scale.to(torch.bfloat16).float(), scale.float()):
             self.native = kernels.pack_int4(q, scale, group_size)
             self.kernel = f"native W4A16, {kernels.isa()} (qatctl/engines/native.c)"
@@ -119,10 +119,10 @@ class RowInvariantLinear:
 
     PROBE_ROWS = 33  # covers decode batches up to 32 plus one
 
-    def __init__(self, w: torch.Tensor, device: torch.device = CPU):
+    def __init__(self, w: torch.Tensor, device: torch.device = CPU, native: bool = True):
         self.weight = w.to(device=device, dtype=torch.float32).contiguous()
         self.out_features = self.weight.shape[0]
-        self.bf16 = self._native_bf16(device)  # packed BF16 weight for the native kernel, or None
+        self.bf16 = self._native_bf16(device) if native else None  # packed BF16 weight for the native kernel, or None
         self.packed = None if self.bf16 is not None or device.type != "cpu" else self._pack()  # cuBLAS: fixed chunks
         if self.bf16 is not None:
             self.kernel = "native BF16-read linear, fp32 accumulate (qatctl/engines/kernels.py)"

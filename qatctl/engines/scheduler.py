@@ -22,8 +22,12 @@ import logging
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from qatctl.errors import QatctlError
+
+if TYPE_CHECKING:
+    from qatctl.engines import BatchingEngine
 
 log = logging.getLogger("qatctl.scheduler")
 PAUSE_MODES = ("abort", "in_place", "retract")
@@ -47,7 +51,7 @@ class Result:
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 32, max_queue: int = 4096, thread: bool = True):
+    def __init__(self, engine: BatchingEngine, max_batch: int = 32, max_queue: int = 4096, thread: bool = True):
         if max_batch < 1:
             raise QatctlError(f"scheduler: max_batch={max_batch} must be >= 1")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
@@ -125,7 +129,7 @@ class Scheduler:
             return True
         return self.call(run)
 
-    def swap(self, engine, label: str | None = None) -> Future:
+    def swap(self, engine: BatchingEngine, label: str | None = None) -> Future:
         """Serve `engine` (labelled `label`, e.g. a weight_version) from now on: new requests
         wait, running ones finish on the old engine and report the old label."""
         fut: Future = Future()
