@@ -271,6 +271,7 @@ def rl_step(
     allow_stale_rollout_model: Annotated[bool, typer.Option("--allow-stale-rollout-model", help="Accept an INT4 model made from another policy.")] = R.allow_stale_rollout_model,
     deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config for the update.")] = R.deepspeed,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = R.device,
+    max_batch: Annotated[int, typer.Option(help="Rollouts decoding at once on the embedded engine (as serve's --max-batch); speed only.")] = R.max_batch,
     compute_dtype: ComputeDtype = R.compute_dtype,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last saved iteration (default) or start over.")] = R.resume,
     force: Force = False,

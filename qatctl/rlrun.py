@@ -93,8 +93,10 @@ class Session:
         else:  # quantized in memory by the shared converter: the bits convert-int4 would write
             engine = load_engine(policy.path, device=c.device, group_size=self.scheme.group_size,
                                  tensors=rollout_tensors(self.model, self.scheme, "int4"))
+        engine.max_running = c.max_batch
         info = engine.info()
-        return engine, {"engine": "embedded", "kernel": info["kernel"], "lm_head_kernel": info["lm_head_kernel"]}
+        return engine, {"engine": "embedded", "kernel": info["kernel"], "lm_head_kernel": info["lm_head_kernel"],
+                        "max_batch": info["max_running"]}
 
     @staticmethod
     def start_iteration_of(policy) -> int:

@@ -55,14 +55,15 @@ class RlStepConfig(GRPOSettings):
     allow_stale_rollout_model: bool = False  # accept an int4-checkpoint made from another policy
     deepspeed: Path | None = None  # same DeepSpeed backend as train-sft-qat
     device: str = "auto"
+    max_batch: int = 64  # rollouts decoding at once on the embedded engine (serve's --max-batch): speed only
     compute_dtype: str = "auto"  # training matmuls: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)
     resume: bool = True  # continue a killed run from OUT.partial/state
     force: bool = False
 
     def recorded(self) -> dict:
         d = asdict(self)
-        for k in ("out", "force", "resume", "api_key"):
-            del d[k]
+        for k in ("out", "force", "resume", "api_key", "max_batch"):  # the engine is batch-invariant: the
+            del d[k]  # rollout width changes speed, never a token, so a resumed run may change it
         return d
 
     @property
@@ -79,6 +80,11 @@ def _validate(c: RlStepConfig) -> None:
                  "mini_batches", "max_sampling_rounds"):
         if getattr(c, name) < 1:
             raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
+    if not 1 <= c.max_batch <= 4096:
+        raise QatctlError(f"--max-batch {c.max_batch}: must be between 1 and 4096")
+    if c.engine_url and c.max_batch != RlStepConfig.max_batch:
+        raise QatctlError("--max-batch sets the embedded engine's width: with --engine-url set the server's own "
+                          "(qatctl serve --max-batch, SGLang --max-running-requests)")
     if c.samples_per_prompt < 2:
         raise QatctlError("--samples-per-prompt must be >= 2 (GRPO compares samples within a group)")
     if c.save_every < 0 or c.save_every > c.iterations:

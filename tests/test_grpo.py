@@ -352,6 +352,7 @@ def test_seeds_draw_independent_prompt_orders_and_a_seed_reproduces(root, tmp_pa
 
     runs = {}
     for name, extra in (("s0", ["--seed", "0"]), ("s0-again", ["--seed", "0"]), ("s1", ["--seed", "1"]),
+                        ("s0-width3", ["--seed", "0", "--max-batch", "3"]),
                         ("file", ["--seed", "0", "--prompt-order", "file", "--no-dynamic-sampling"])):
         qatctl("rl-step", *args(root, root / "llama", tmp_path / name, "--iterations", "2", *extra))
         runs[name] = [r["prompt_index"] for r in rows_of(tmp_path / name) if r["sample"] == 0]
@@ -359,6 +360,13 @@ def test_seeds_draw_independent_prompt_orders_and_a_seed_reproduces(root, tmp_pa
     assert runs["s0"][:4] != [0, 1, 2, 3] and runs["file"] == list(range(8))
     for name in ("model.safetensors", "trainer_state/masters.safetensors", "trainer_state/optimizer.safetensors"):
         assert tensors_equal(load_file(tmp_path / "s0" / name), load_file(tmp_path / "s0-again" / name)), name
+        # the rollout width (serve's --max-batch) changes speed only: the engine is batch-invariant
+        assert tensors_equal(load_file(tmp_path / "s0" / name), load_file(tmp_path / "s0-width3" / name)), name
+    assert runs["s0-width3"] == runs["s0"]
+    width = json.loads((tmp_path / "s0-width3" / "qatctl.json").read_text())["metrics"]["rollout_engine"]
+    assert width["max_batch"] == 3
+    assert_usage_error(qatctl("rl-step", *args(root, root / "llama", tmp_path / "x", "--max-batch", "0"),
+                              check=False), "--max-batch 0")
     m = json.loads((tmp_path / "s0" / "qatctl.json").read_text())["metrics"]
     assert m["prompt_order"] == "shuffle" and m["threads"] >= 1 and m["compute_dtype"]
     # every pass over the prompts is a new permutation of all of them

@@ -107,7 +107,7 @@ class _Weights:
 
 
 class EmbeddedEngine:
-    max_running = 64  # sequences decoding at once in generate(); the server's scheduler has --max-batch
+    max_running = 64  # sequences decoding at once in generate() (rl-step --max-batch); the server's scheduler has its own
 
     def __init__(self, folder: Path, cfg: dict, w: _Weights, tokenizer, eos_ids: set[int]):
         self.folder, self.cfg, self.tokenizer, self.eos_ids = folder, cfg, tokenizer, eos_ids
@@ -447,7 +447,7 @@ class EmbeddedEngine:
                 "vocab_size": self.vocab_size,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes,
                 "lm_head_bytes": self.lm_head.nbytes, "lm_head_kernel": self.lm_head.kernel, "threads": torch.get_num_threads(),
-                "device": str(self.device), "prefix_cache_prompts": len(self.prefix_cache.entries),
+                "device": str(self.device), "max_running": self.max_running, "prefix_cache_prompts": len(self.prefix_cache.entries),
                 "prefix_cache_bytes": self.prefix_cache.bytes}
 
 
