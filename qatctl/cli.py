@@ -33,6 +33,18 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing output
 Json = Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")]
 ComputeDtype = Annotated[str, typer.Option(help="Training matmuls: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 "
                                                 "(autocast over fp32 masters; ~1.7x faster on AVX512-BF16 CPUs).")]
+# Options that several commands share, declared once (each command keeps its own default, from its config).
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")]
+ClientKey = Annotated[Optional[str], typer.Option("--api-key", envvar="QATCTL_API_KEY", show_envvar=True,
+                                                  help="Bearer key for --engine-url.")]
+DeepSpeed = Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config (ZeRO 0-3) for the update; launch with "
+                                                        "deepspeed or torchrun.")]
+Reward = Annotated[str, typer.Option(help="exact-number, boxed, or module:function(completion, answer) -> float.")]
+
+
+def _resume(what: str):
+    return Annotated[bool, typer.Option("--resume/--no-resume", help=f"Continue a killed run from its last {what} "
+                                                                      "(default) or start over.")]
 
 
 def _version(value: bool):
@@ -215,11 +227,11 @@ def train_sft_qat(
     fake_quant_after: Annotated[int, typer.Option(help="Train this many steps before fake quant switches on.")] = T.fake_quant_after,
     no_fake_quant: Annotated[bool, typer.Option("--no-fake-quant", help="Plain BF16 baseline (no fake quant).")] = T.no_fake_quant,
     save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints.")] = T.save_every,
-    deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config (ZeRO 0-3); launch with deepspeed or torchrun.")] = T.deepspeed,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = T.device,
+    deepspeed: DeepSpeed = T.deepspeed,
+    device: Device = T.device,
     compute_dtype: ComputeDtype = T.compute_dtype,
     reset_optimizer: Annotated[bool, typer.Option("--reset-optimizer", help="Start AdamW fresh instead of CKPT's trainer_state moments.")] = T.reset_optimizer,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last checkpoint (default) or start over.")] = T.resume,
+    resume: _resume("checkpoint") = T.resume,
     force: Force = False,
     json_: Json = False,
 ):
@@ -245,7 +257,7 @@ def rl_step(
     rollout_model: Annotated[Optional[Path], typer.Option(help="POLICY's int4-checkpoint (default: POLICY quantized in memory).")] = R.rollout_model,
     rollout_precision: Annotated[str, typer.Option(help="int4 (4-bit kernel) or bf16 (dense BF16 rollouts, no fake quant: the BF16 RL arm).")] = R.rollout_precision,
     engine_url: Annotated[Optional[str], typer.Option(help="Roll out on this server, after pointing it at --rollout-model.")] = R.engine_url,
-    api_key: Annotated[Optional[str], typer.Option(envvar="QATCTL_API_KEY", show_envvar=True, help="Bearer key for --engine-url.")] = R.api_key,
+    api_key: ClientKey = R.api_key,
     prompts_per_step: Annotated[int, typer.Option(help="Informative groups per iteration (the cursor carries over).")] = R.prompts_per_step,
     samples_per_prompt: Annotated[int, typer.Option(help="GRPO group size.")] = R.samples_per_prompt,
     dynamic_sampling: Annotated[bool, typer.Option("--dynamic-sampling/--no-dynamic-sampling", help="Drop all-equal groups and draw more prompts (DAPO).")] = R.dynamic_sampling,
@@ -254,7 +266,7 @@ def rl_step(
     temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.")] = R.temperature,
     seed: Annotated[int, typer.Option(help="Sets the prompt order (with --prompt-order shuffle) and the rollout sampling.")] = R.seed,
     prompt_order: Annotated[str, typer.Option(help="shuffle (a per-seed permutation per pass over the prompts) or file (file order).")] = R.prompt_order,
-    reward: Annotated[str, typer.Option(help="exact-number, boxed, or module:function.")] = R.reward,
+    reward: Reward = R.reward,
     loss: Annotated[str, typer.Option(help="grpo (PPO-clip on group-normalized advantages).")] = R.loss,
     clip_eps: Annotated[float, typer.Option(help="PPO clip range.")] = R.clip_eps,
     tis_cap: Annotated[float, typer.Option(help="Truncated importance weight cap (0: off).")] = R.tis_cap,
@@ -269,11 +281,11 @@ def rl_step(
     reset_optimizer: Annotated[bool, typer.Option("--reset-optimizer", help="Start AdamW fresh instead of POLICY's trainer_state.")] = R.reset_optimizer,
     save_every: Annotated[int, typer.Option(help="Iterations between resume states in OUT.partial (0: none).")] = R.save_every,
     allow_stale_rollout_model: Annotated[bool, typer.Option("--allow-stale-rollout-model", help="Accept an INT4 model made from another policy.")] = R.allow_stale_rollout_model,
-    deepspeed: Annotated[Optional[Path], typer.Option(help="DeepSpeed JSON config for the update.")] = R.deepspeed,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = R.device,
+    deepspeed: DeepSpeed = R.deepspeed,
+    device: Device = R.device,
     max_batch: Annotated[int, typer.Option(help="Rollouts decoding at once on the embedded engine (as serve's --max-batch); speed only.")] = R.max_batch,
     compute_dtype: ComputeDtype = R.compute_dtype,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue a killed run from its last saved iteration (default) or start over.")] = R.resume,
+    resume: _resume("saved iteration") = R.resume,
     force: Force = False,
     json_: Json = False,
 ):
@@ -325,7 +337,7 @@ def eval_consistency(
     out: Out = ...,
     rollouts: Annotated[Optional[Path], typer.Option(help="Score these rollouts (rollouts.jsonl) instead of generating.")] = E.rollouts,
     engine_url: Annotated[Optional[str], typer.Option(help="Generate on a running SGLang / qatctl serve (first pointed at INFER_CKPT).")] = E.engine_url,
-    api_key: Annotated[Optional[str], typer.Option(envvar="QATCTL_API_KEY", show_envvar=True, help="Bearer key for --engine-url.")] = E.api_key,
+    api_key: ClientKey = E.api_key,
     train_view: Annotated[str, typer.Option(help="auto (from the manifest), fake-int4 or bf16.")] = E.train_view,
     ablation: Annotated[bool, typer.Option("--ablation", help="{fake-int4, bf16} x {int4, bf16} grid + engine floor.")] = E.ablation,
     limit: Annotated[int, typer.Option(help="Use the first N prompts.")] = E.limit,
@@ -393,8 +405,8 @@ def accuracy(
     prompts: Annotated[Path, typer.Option(help="JSONL with prompt or messages, and answer.")],
     limit: Annotated[Optional[int], typer.Option(help="Only the first N prompts.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per answer.")] = 32,
-    reward: Annotated[str, typer.Option(help="exact-number, boxed, or module:function.")] = "exact-number",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    reward: Reward = "exact-number",
+    device: Device = "auto",
     json_: Json = False,
 ):
     """Greedy exact-match accuracy of a checkpoint on a prompt set, with the embedded engine."""
