@@ -31,7 +31,7 @@ def stats(train: list[list[float]], infer: list[list[float]]) -> tuple[float, fl
 
 
 def main() -> None:
-    from qatctl import arms, data
+    from qatctl import ablation, data
     from qatctl.artifacts import read_artifact
     from qatctl.engines import kernels, load_engine
     from qatctl.models import load_tokenizer
@@ -47,9 +47,9 @@ def main() -> None:
     prompts = data.load_prompts(REPO / "recipes/data/arith-test.jsonl", load_tokenizer(int4), need_answer=False)[:64]
     cfg = types.SimpleNamespace(samples_per_prompt=2, seed=0, temperature=1.0, max_new_tokens=32)
     native = load_engine(int4)
-    rollouts = arms.generate(native, arms.jobs([p.prompt_ids for p in prompts], cfg), cfg)
+    rollouts = ablation.generate(native, ablation.jobs([p.prompt_ids for p in prompts], cfg), cfg)
     scheme = QuantScheme.from_manifest(read_artifact(sft).manifest["quant"])
-    train = arms.train_side(sft, scheme, ["fake-int4"], rollouts)["fake-int4"][0]
+    train = ablation.train_side(sft, scheme, ["fake-int4"], rollouts)["fake-int4"][0]
     P, C = [r["prompt_ids"] for r in rollouts], [r["output_ids"] for r in rollouts]
     rows = {f"{native.kernel} (shipped), scoring": stats(train, native.score(P, C)),
             f"{native.kernel} (shipped), its own rollout logprobs (decode path)":

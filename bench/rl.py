@@ -76,8 +76,8 @@ def sync_vs_reload(start: Path) -> dict:
     from qatctl import models
     from qatctl.artifacts import read_artifact
     from qatctl.engines import load_engine
-    from qatctl.grpo import rollout_tensors
     from qatctl.quant import QuantScheme
+    from qatctl.rl.loop import rollout_tensors
 
     scheme = QuantScheme.from_manifest(read_artifact(start).manifest["quant"])
     model, tok = models.load_checkpoint(start)

@@ -412,9 +412,10 @@ def accuracy(
     """Greedy exact-match accuracy of a checkpoint on a prompt set, with the embedded engine."""
 
     def measure(_):
-        from qatctl import data, rl
+        from qatctl import data
         from qatctl.artifacts import read_artifact
         from qatctl.engines import load_engine
+        from qatctl.rl import rewards as rl
 
         if limit is not None and limit < 1:
             raise QatctlError(f"--limit {limit}: must be >= 1")

@@ -99,17 +99,17 @@ def run(config: EvalConsistencyConfig) -> dict:
     if view == "auto":
         view = "fake-int4" if (train.manifest.get("training") or {}).get("fake_quant", True) else "bf16"
 
-    from qatctl import arms, data, models
+    from qatctl import ablation, data, models
 
     tokenizer = models.load_tokenizer(config.train_ckpt)
     prompts = data.load_prompts(config.prompts, tokenizer, need_answer=False)[: config.limit]
-    rollouts_in = arms.read_rollouts(config.rollouts, arms.vocab_size(config.train_ckpt)) if config.rollouts else None
+    rollouts_in = ablation.read_rollouts(config.rollouts, ablation.vocab_size(config.train_ckpt)) if config.rollouts else None
 
     with out.building() as tmp:
         if config.ablation:
-            report = arms.ablation(config, train, prompts, scheme)
+            report = ablation.grid(config, train, prompts, scheme)
         else:
-            report = arms.single(config, train, infer, view, prompts, rollouts_in, scheme)
+            report = ablation.single(config, train, infer, view, prompts, rollouts_in, scheme)
         main = report["arms"][report["main_arm"]]
         report["plots"] = _plots(tmp, report)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -10,7 +10,7 @@ Writes: a `qat-checkpoint` (policy N+K): BF16 weights, `trainer_state/` (fp32 ma
         line per iteration), metrics.json (the last iteration), and the prompt cursor and
         iteration in the manifest's `rl` field.
 
-The loop is qatctl/grpo.py. After each update the policy is re-quantized in memory and swapped
+The loop is qatctl/rl/loop.py. After each update the policy is re-quantized in memory and swapped
 into the running embedded engine, or written under OUT.partial/sync/ and pushed to --engine-url
 with /update_weights_from_disk and a weight_version, as slime does. Arms, one flag apart:
 int4-qat (default), int4-ptq (--no-fake-quant), bf16 (--rollout-precision bf16: the dense BF16
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from qatctl.artifacts import OutputDir, read_artifact, sha256_file
 from qatctl.errors import QatctlError
-from qatctl.grpo_settings import PROMPT_ORDERS, GRPOSettings
+from qatctl.rl.settings import PROMPT_ORDERS, GRPOSettings
 
 STAGE, KIND = "rl-step", "qat-checkpoint"
 ARMS = {("int4", True): "int4-qat", ("int4", False): "int4-ptq", ("bf16", False): "bf16"}
@@ -127,7 +127,7 @@ def _check_rollout_model(policy, int4, allow_stale: bool) -> bool:
 
 def run(config: RlStepConfig) -> dict:
     _validate(config)
-    from qatctl import rl
+    from qatctl.rl import rewards as rl
 
     reward_fn = rl.load_reward(config.reward)  # unknown reward fails before anything loads
     policy = read_artifact(config.policy, "qat-checkpoint")
@@ -140,8 +140,9 @@ def run(config: RlStepConfig) -> dict:
     if (done := out.up_to_date()) is not None:
         return {**done, "up_to_date": True}
 
-    from qatctl import data, models, rlrun
+    from qatctl import data, models
     from qatctl.quant import QuantScheme
+    from qatctl.rl import session as rlrun
 
     scheme = QuantScheme.from_manifest(policy.manifest.get("quant") or {}, f"{config.policy}/qatctl.json")
     tokenizer = models.load_tokenizer(config.policy)

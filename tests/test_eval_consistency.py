@@ -74,7 +74,7 @@ def test_gate_exits_1_over_threshold_0_under(tiny_pairs, tmp_path):
 
 def test_scoring_rollouts_from_file_equals_generating(tiny_pairs, tmp_path):
     from qatctl import data
-    from qatctl.arms import generate, jobs
+    from qatctl.ablation import generate, jobs
     from qatctl.engines import load_engine
     from stages.eval_consistency import EvalConsistencyConfig
 

@@ -1,4 +1,4 @@
-"""The multi-iteration GRPO loop (qatctl/grpo.py, qatctl/rlrun.py): in-memory weight sync equals
+"""The multi-iteration GRPO loop (qatctl/rl/loop.py, qatctl/rl/session.py): in-memory weight sync equals
 convert-int4 bit for bit, masters and AdamW carried across artifacts, kill -9 resume, dynamic
 sampling, the BF16 arm, --engine-url with a weight version per iteration, and bad input."""
 
@@ -251,9 +251,9 @@ def test_trainer_computes_with_the_weights_the_engine_holds(root, precision, fak
     0.05-0.25 mean |dlogp| before the BF16 view)."""
     from qatctl import data, models, rl
     from qatctl.artifacts import read_artifact
-    from qatctl.grpo import rollout_tensors
     from qatctl.quant import QuantScheme, fake_quant_value
-    from qatctl.rlrun import Session
+    from qatctl.rl.loop import rollout_tensors
+    from qatctl.rl.session import Session
     from stages.rl_step import RlStepConfig
 
     c = RlStepConfig(policy=root / "llama", out=tmp_path / "o", prompts=ARITH, prompts_per_step=4,
@@ -288,7 +288,7 @@ def test_bf16_compute_dtype_autocasts_the_update_and_scoring(root, tmp_path):
     from qatctl import data, models, rl
     from qatctl.artifacts import read_artifact
     from qatctl.quant import QuantScheme
-    from qatctl.rlrun import Session
+    from qatctl.rl.session import Session
     from qatctl.train import resolve_compute_dtype
     from stages.rl_step import RlStepConfig
 
@@ -318,7 +318,7 @@ def test_bf16_compute_dtype_autocasts_the_update_and_scoring(root, tmp_path):
     assert inside["lm_head"] == torch.float32
     assert set(outside.values()) == {torch.float32} and "forward" not in s.model.lm_head.__dict__
     # scoring-only passes (old-policy logprobs for later mini-batches) equal the update's forward
-    from qatctl.grpo import _completion_logprobs
+    from qatctl.rl.loop import _completion_logprobs
 
     rows = [{"prompt_ids": [5, 6, 7], "output_ids": [8, 9, 10, 11]}, {"prompt_ids": [12, 13], "output_ids": [14]}]
     s.loop._score_only([rows])
@@ -348,7 +348,7 @@ def test_compute_dtype_bad_input_and_manifest(root, tmp_path):
 def test_seeds_draw_independent_prompt_orders_and_a_seed_reproduces(root, tmp_path):
     """--seed sets the prompt order (a per-seed shuffle, not file order) as well as sampling; the
     same seed reproduces a run bit for bit; --prompt-order file keeps file order."""
-    from qatctl.grpo_settings import prompt_index
+    from qatctl.rl.settings import prompt_index
 
     runs = {}
     for name, extra in (("s0", ["--seed", "0"]), ("s0-again", ["--seed", "0"]), ("s1", ["--seed", "1"]),

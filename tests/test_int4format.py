@@ -59,8 +59,8 @@ print(" ".join(sorted(m for m in sys.modules if m.startswith(("qatctl", "stages"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     loaded = set(p.stdout.split())
-    training = {"qatctl.train", "qatctl.state", "qatctl.grpo", "qatctl.rlrun", "qatctl.rl", "qatctl.models",
-                "qatctl.dscheckpoint", "qatctl.consistency", "qatctl.arms"}
+    training = {"qatctl.train", "qatctl.state", "qatctl.rl.loop", "qatctl.rl.session", "qatctl.rl.loss", "qatctl.rl.rewards", "qatctl.rl.settings", "qatctl.models",
+                "qatctl.dscheckpoint", "qatctl.consistency", "qatctl.ablation"}
     assert "qatctl.engines.embedded" in loaded and not loaded & training, loaded & training
     assert not any(m.startswith("stages") for m in loaded)
 

@@ -253,7 +253,7 @@ def test_a_reward_file_with_a_syntax_error_is_one_line(tiny, tmp_path):
 
 
 def test_a_module_reward_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
-    from qatctl.rl import load_reward
+    from qatctl.rl.rewards import load_reward
 
     (tmp_path / "my_reward_mod.py").write_text("def f(completion, answer):\n    return 1.0\n")
     monkeypatch.chdir(tmp_path)

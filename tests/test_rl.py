@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, finish, make_int4, make_pair, make_tiny, qatctl, torchrun
-from qatctl import rl
+from qatctl.rl import loss as rl_loss
+from qatctl.rl import rewards as rl_rewards
 
 ARITH = REPO / "recipes/data/arith-train.jsonl"
 
@@ -22,21 +23,21 @@ ARITH = REPO / "recipes/data/arith-train.jsonl"
 
 def test_group_advantages_by_hand():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
-    adv, informative = rl.group_advantages(r)
+    adv, informative = rl_loss.group_advantages(r)
     std0 = math.sqrt(((0.5 ** 2) * 4) / 3)  # unbiased std of [1, 0, 0, 1]
     assert adv[0].tolist() == pytest.approx([0.5 / std0, -0.5 / std0, -0.5 / std0, 0.5 / std0], rel=1e-5)
     assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0] and informative.tolist() == [True, False, True]
     std2 = math.sqrt((3 * 0.75 ** 2 + 2.25 ** 2) / 3)
     assert adv[2].tolist() == pytest.approx([-0.75 / std2] * 3 + [2.25 / std2], rel=1e-5)
-    centered, _ = rl.group_advantages(r, scale_by_std=False)
+    centered, _ = rl_loss.group_advantages(r, scale_by_std=False)
     assert centered[2].tolist() == [-0.75, -0.75, -0.75, 2.25]
 
 
 def test_tis_weights_and_k3_by_hand():
     lt, lr = torch.tensor([0.0, -1.0, -2.0]), torch.tensor([-1.0, -1.0, 0.0])
-    assert rl.tis_weights(lt, lr, cap=2.0).tolist() == pytest.approx([2.0, 1.0, math.exp(-2)])  # e^1 capped at 2
-    assert rl.tis_weights(lt, lr, cap=0).tolist() == [1.0, 1.0, 1.0]
-    k3 = rl.k3_kl(lt, lr)
+    assert rl_loss.tis_weights(lt, lr, cap=2.0).tolist() == pytest.approx([2.0, 1.0, math.exp(-2)])  # e^1 capped at 2
+    assert rl_loss.tis_weights(lt, lr, cap=0).tolist() == [1.0, 1.0, 1.0]
+    k3 = rl_loss.k3_kl(lt, lr)
     assert k3.tolist() == pytest.approx([math.e - 2, 0.0, math.exp(-2) + 1])
 
 
@@ -45,22 +46,22 @@ def test_ppo_clip_loss_by_hand():
     logp = torch.log(torch.tensor([[1.5, 1.1, 0.5], [1.5, 0.7, 1.0]]))
     adv = torch.tensor([1.0, -1.0])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    loss, n_clip = rl.ppo_clip_loss(logp, logp_old, adv, mask, clip_eps=0.2)
+    loss, n_clip = rl_loss.ppo_clip_loss(logp, logp_old, adv, mask, clip_eps=0.2)
     # A=+1: min(r, clip(r)) -> 1.2, 1.1, 0.5 ; A=-1: min(-r, -clip(r)) -> -1.5, -0.8 (third masked)
     terms = [-1.2, -1.1, -0.5, 1.5, 0.8]
     assert float(loss) == pytest.approx(sum(terms) / 5, rel=1e-6)
     assert n_clip == 2  # 1.5 clipped for A>0 and 0.7 clipped for A<0
     w = torch.tensor([[2.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
-    loss_w, _ = rl.ppo_clip_loss(logp, logp_old, adv, mask, clip_eps=0.2, weights=w, normalizer=10)
+    loss_w, _ = rl_loss.ppo_clip_loss(logp, logp_old, adv, mask, clip_eps=0.2, weights=w, normalizer=10)
     assert float(loss_w) == pytest.approx((sum(terms) - 1.2) / 10, rel=1e-6)
 
 
 def test_rewards():
-    assert rl.exact_number("12 + 7 = 19\nAnswer: 19", "19") == 1.0
-    assert rl.exact_number("Answer: 19.0", "19") == 1.0 and rl.exact_number("1,234", "1234") == 1.0
-    assert rl.exact_number("19 is wrong, it is 20", "19") == 0.0 and rl.exact_number("none", "1") == 0.0
-    assert rl.boxed(r"so \boxed{42}.", "42") == 1.0 and rl.boxed(r"\boxed{x+1}", "x+1") == 1.0
-    assert rl.boxed("42", "42") == 0.0
+    assert rl_rewards.exact_number("12 + 7 = 19\nAnswer: 19", "19") == 1.0
+    assert rl_rewards.exact_number("Answer: 19.0", "19") == 1.0 and rl_rewards.exact_number("1,234", "1234") == 1.0
+    assert rl_rewards.exact_number("19 is wrong, it is 20", "19") == 0.0 and rl_rewards.exact_number("none", "1") == 0.0
+    assert rl_rewards.boxed(r"so \boxed{42}.", "42") == 1.0 and rl_rewards.boxed(r"\boxed{x+1}", "x+1") == 1.0
+    assert rl_rewards.boxed("42", "42") == 0.0
 
 
 # ---------------------------------------------------------------- the stage
@@ -104,7 +105,7 @@ def test_rl_step_end_to_end(tiny_policy, tmp_path):
     before, after = load_file(tiny_policy / "policy-0" / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # rollouts.jsonl: 4 prompts x 4 samples, the first 4 of seed 0's shuffled stream, consistent fields.
-    from qatctl.grpo_settings import prompt_index
+    from qatctl.rl.settings import prompt_index
 
     rows = [json.loads(ln) for ln in (out / "rollouts.jsonl").read_text().splitlines()]
     prompts = [json.loads(ln) for ln in ARITH.read_text().splitlines()]

@@ -228,8 +228,9 @@ def test_sft_qat_on_smollm2_improves_int4_accuracy(smollm2_pair, tmp_path):
     """40 SFT-QAT steps (batch 8, lr 5e-5) on the arithmetic set lift the greedy exact-match
     accuracy of the INT4 conversion on 64 held-out problems, measured with the embedded INT4
     engine. Measured: base 2/64 (3%), after 29/64 (45%); the test asks for +15 points."""
-    from qatctl import data, rl
+    from qatctl import data
     from qatctl.engines import load_engine
+    from qatctl.rl import rewards as rl
 
     init, base_int4 = smollm2_pair
     sft, sft_int4 = tmp_path / "sft", tmp_path / "sft-int4"

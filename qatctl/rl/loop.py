@@ -31,9 +31,9 @@ import time
 import torch
 from torch.nn.utils import parametrize
 
-from qatctl import rl
 from qatctl.errors import QatctlError
-from qatctl.grpo_settings import GRPOSettings, prompt_index  # noqa: F401  (GRPOSettings re-exported)
+from qatctl.rl import loss as rl
+from qatctl.rl.settings import GRPOSettings, prompt_index  # noqa: F401  (GRPOSettings re-exported)
 
 
 def rollout_seed(seed: int, iteration: int, slot: int, sample: int) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qatctl import models, state
 from qatctl.errors import QatctlError
-from qatctl.grpo import GRPOLoop, rollout_tensors
+from qatctl.rl.loop import GRPOLoop, rollout_tensors
 from qatctl.state import continue_from
 from qatctl.train import OptimSettings, compute_context, device_and_dtype, dist_env, make_trainer, resolve_compute_dtype
 

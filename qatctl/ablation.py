@@ -1,4 +1,5 @@
-"""The arms of eval-consistency: rollouts generated (or read) on the inference side, scored by
+"""The cells of eval-consistency (a cell = one train view x one rollout engine; "arm" elsewhere means an
+RL arm: int4-qat, int4-ptq, bf16; the report keeps its `arms` key for compatibility): rollouts generated (or read) on the inference side, scored by
 the training side's views, and the mismatch of each {train view} x {rollout} cell, plus the
 engine's own floor. The stage (stages/eval_consistency.py) validates, calls these and writes
 the report; `config` is its EvalConsistencyConfig.
@@ -93,8 +94,8 @@ def infer_side(engine: Engine, rollouts):
     return lps, argmax
 
 
-def arm_metrics(train_side, infer_side) -> dict:
-    """Mismatch metrics of one arm, with the per-token and per-position values the plots use."""
+def cell_metrics(train_side, infer_side) -> dict:
+    """Mismatch metrics of one cell, with the per-token and per-position values the plots use."""
     from qatctl.consistency import mismatch_metrics, per_position
 
     (train_lps, train_top), (infer_lps, infer_top) = train_side, infer_side
@@ -115,14 +116,14 @@ def single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
         engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32")
     rollouts = rollouts_in if rollouts_in is not None else generate(engine, jobs([p.prompt_ids for p in prompts],
                                                                                   config), config)
-    arm = f"train {view} / rollout {rollout_kind}"
-    metrics = arm_metrics(train_side(train.path, scheme, [view], rollouts)[view], infer_side(engine, rollouts))
+    cell = f"train {view} / rollout {rollout_kind}"
+    metrics = cell_metrics(train_side(train.path, scheme, [view], rollouts)[view], infer_side(engine, rollouts))
     wc = weight_check(train.path, infer.path, view, scheme)
-    return {"main_arm": arm, "arms": {arm: metrics}, "weight_check": wc, "kernel": engine.kernel,
+    return {"main_arm": cell, "arms": {cell: metrics}, "weight_check": wc, "kernel": engine.kernel,
             "train_view": view, "rollout": rollout_kind, "rollouts": len(rollouts)}
 
 
-def ablation(config, train, prompts, scheme) -> dict:
+def grid(config, train, prompts, scheme) -> dict:
     import tempfile
 
     from qatctl import models
@@ -130,7 +131,7 @@ def ablation(config, train, prompts, scheme) -> dict:
     from qatctl.engines import load_engine
     from qatctl.int4format import int4_tensors, write_int4_checkpoint
 
-    # The INT4 arm's checkpoint, by the library's converter, in a scratch folder outside OUT.
+    # The INT4 cells' checkpoint, by the library's converter, in a scratch folder outside OUT.
     scratch = tempfile.TemporaryDirectory(prefix="qatctl-ablation-")
     work = Path(scratch.name)
     model, _ = models.load_checkpoint(train.path)
@@ -143,14 +144,14 @@ def ablation(config, train, prompts, scheme) -> dict:
     infer_by = {rollout: infer_side(engines[rollout], rows) for rollout, rows in rollouts_by.items()}
     # One training-side pass per view over both rollout sets: the model loads once.
     every = [r for rows in rollouts_by.values() for r in rows]
-    arms, cells = {}, {}
+    by_cell, cells = {}, {}
     for v, (lps, top) in train_side(train.path, scheme, VIEWS, every).items():
         start = 0
         for rollout, rows in rollouts_by.items():
             part = (lps[start:start + len(rows)], top[start:start + len(rows)])
             start += len(rows)
             name = f"train {v} / rollout {rollout}"
-            arms[name], cells[name] = arm_metrics(part, infer_by[rollout]), [v, rollout]
+            by_cell[name], cells[name] = cell_metrics(part, infer_by[rollout]), [v, rollout]
     # The engine's own floor: the same INT4 rollouts regenerated one request at a time.
     batched = rollouts_by["int4"]
     alone = []
@@ -161,7 +162,7 @@ def ablation(config, train, prompts, scheme) -> dict:
     floor["same_tokens"] = all(a["output_ids"] == r["output_ids"] for a, r in zip(alone, batched, strict=True))
     wc = weight_check(train.path, work / "int4", "fake-int4", scheme)
     scratch.cleanup()
-    return {"main_arm": "train fake-int4 / rollout int4", "arms": arms, "cells": cells, "floor": floor,
+    return {"main_arm": "train fake-int4 / rollout int4", "arms": by_cell, "cells": cells, "floor": floor,
             "weight_check": wc,
             "kernel": engines["int4"].kernel, "rollouts": len(rollouts_by["int4"])}
 
