@@ -107,3 +107,21 @@ def smollm2_pair(tmp_path_factory):
     qatctl("init-qat", "smollm2-135m", "--out", root / "init")
     qatctl("convert-int4", root / "init", "--out", root / "int4")
     return root / "init", root / "int4"
+
+
+def assert_same_update(start: dict, a: dict, b: dict) -> None:
+    """Two runs of one update (e.g. DeepSpeed and the plain loop) from the same start weights give
+    the same result within a tolerance far below what the update moved: the largest difference
+    between them is under a tenth of the largest change from the start, tensor by tensor where the
+    tensor moved, and the weights did move (a run that updated nothing fails)."""
+
+    moved = 0
+    for k in start:
+        step = (a[k].float() - start[k].float()).abs().max().item()
+        gap = (a[k].float() - b[k].float()).abs().max().item()
+        if step > 0:
+            moved += 1
+            assert gap <= 0.1 * step, f"{k}: the runs differ by {gap:.3g}, the update moved it by {step:.3g}"
+        else:
+            assert gap == 0, f"{k}: unchanged in one run, moved by {gap:.3g} in the other"
+    assert moved >= len(start) // 2, f"only {moved} of {len(start)} tensors moved: the update did not run"
