@@ -23,7 +23,7 @@ from qatctl.errors import QatctlError
 
 MANIFEST = "qatctl.json"
 SCHEMA = 1
-KINDS = ("qat-checkpoint", "int4-checkpoint", "rollouts", "report")
+KINDS = ("qat-checkpoint", "int4-checkpoint", "rollouts", "report", "gguf")
 
 
 def copy_plain_file(src: Path, dst: Path) -> None:

@@ -195,6 +195,8 @@ def init_qat(
 def convert_int4(
     ckpt: Annotated[Path, typer.Argument(help="A qat-checkpoint folder.")],
     out: Out,
+    format: Annotated[str, typer.Option("--format", help="compressed-tensors (SGLang / vLLM) or gguf (one llama.cpp file, Q4_0 blocks of the same integers and scales).")] = "compressed-tensors",
+    gguf_pre: Annotated[Optional[str], typer.Option(help="--format gguf: llama.cpp's tokenizer.ggml.pre (default: from tokenizer.json).")] = None,
     force: Force = False,
     json_: Json = False,
 ):

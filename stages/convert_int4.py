@@ -8,6 +8,10 @@ Writes: an HF folder SGLang and vLLM load as-is: every target Linear becomes `we
         one output shard is held at a time.
 
     qatctl convert-int4 runs/demo/init --out runs/demo/int4
+    qatctl convert-int4 runs/demo/sft --format gguf --out runs/demo/gguf   # OUT/model.gguf (Q4_0)
+
+--format gguf writes one llama.cpp file instead (qatctl/ggufformat.py): the same integers and
+scales as Q4_0 blocks; the manifest counts the scales fp16 cannot hold exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from qatctl.artifacts import OutputDir, read_artifact
 
 STAGE, KIND = "convert-int4", "int4-checkpoint"
+FORMATS = ("compressed-tensors", "gguf")
 INDEX = "model.safetensors.index.json"  # int4format.INDEX (this module imports no torch at load)
 
 
@@ -28,9 +33,15 @@ class ConvertInt4Config:
     ckpt: Path  # a qat-checkpoint
     out: Path
     force: bool = False  # replace an existing output made from other inputs
+    format: str = "compressed-tensors"  # or gguf (one llama.cpp file, Q4_0 blocks)
+    gguf_pre: str | None = None  # llama.cpp's tokenizer.ggml.pre (default: from the tokenizer)
 
     def recorded(self) -> dict:
-        return {}  # the scheme comes from the input manifest, whose digest is recorded
+        # the scheme comes from the input manifest, whose digest is recorded; the default format
+        # records nothing (outputs made before --format existed stay up to date)
+        if self.format == "compressed-tensors":
+            return {}
+        return {"format": self.format, "gguf_pre": self.gguf_pre}
 
 
 def _shards(ckpt: Path) -> list[str]:
@@ -67,7 +78,15 @@ def _check_shapes(ckpt: Path, shards: list[str], scheme) -> tuple[list[str], int
 
 
 def run(config: ConvertInt4Config) -> dict:
+    from qatctl.errors import QatctlError
+
+    if config.format not in FORMATS:
+        raise QatctlError(f"--format {config.format!r}: expected {' or '.join(FORMATS)}")
+    if config.gguf_pre is not None and config.format != "gguf":
+        raise QatctlError("--gguf-pre applies to --format gguf only")
     src = read_artifact(config.ckpt, "qat-checkpoint")
+    if config.format == "gguf":
+        return _run_gguf(config, src)
     out = OutputDir(config.out, stage=STAGE, kind=KIND, config=config.recorded(),
                     inputs=[src.as_input()], force=config.force)
     if (done := out.up_to_date()) is not None:
@@ -116,4 +135,48 @@ def run(config: ConvertInt4Config) -> dict:
         metrics = {"quantized_tensors": n_targets, "bytes_in": bytes_in, "bytes_out": bytes_out,
                    "ratio": round(bytes_in / bytes_out, 3), "seconds": round(seconds, 3),
                    "gb_per_s": round(bytes_in / seconds / 1e9, 3), "ignore": ignore}
+        return out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics)
+
+
+def _run_gguf(config: ConvertInt4Config, src) -> dict:
+    """OUT/model.gguf: every quantized linear as Q4_0 blocks of the shared quantizer's codes and
+    scales; refused (nothing written) where Q4_0 cannot express the scheme."""
+    from qatctl.errors import QatctlError
+    from qatctl.ggufformat import check_exportable, pretokenizer, write_gguf
+    from qatctl.int4format import Int4Reader, convert_tensor
+    from qatctl.models import check_weight_files, load_tokenizer
+    from qatctl.quant import QuantScheme
+    from qatctl.state import read_json
+
+    ckpt = src.path
+    scheme = QuantScheme.from_manifest(src.manifest.get("quant") or {}, f"{ckpt}/qatctl.json")
+    cfg = read_json(ckpt / "config.json")
+    check_exportable(cfg, scheme.group_size, str(ckpt))
+    if not (ckpt / "tokenizer.json").is_file():
+        raise QatctlError(f"{ckpt}: no tokenizer.json (the GGUF carries the tokenizer)")
+    pre = pretokenizer(read_json(ckpt / "tokenizer.json"), config.gguf_pre, f"{ckpt}/tokenizer.json")
+    out = OutputDir(config.out, stage=STAGE, kind="gguf", config=config.recorded(), inputs=[src.as_input()],
+                    force=config.force)
+    if (done := out.up_to_date()) is not None:
+        return {**done, "up_to_date": True}
+    shards = _shards(ckpt)
+    if not shards:
+        raise QatctlError(f"{ckpt}: no *.safetensors weights")
+    check_weight_files(ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    _check_shapes(ckpt, shards, scheme)
+
+    from safetensors import safe_open
+
+    t0 = time.perf_counter()
+    tensors = {}
+    for shard in shards:
+        with safe_open(ckpt / shard, "pt") as f:
+            for key in f.keys():
+                tensors.update(convert_tensor(key, f.get_tensor(key), scheme, where=f"{ckpt / shard}: "))
+    reader = Int4Reader.from_tensors(tensors, scheme.group_size, where=str(ckpt))
+    with out.building() as tmp:
+        exact = write_gguf(ckpt, reader, cfg, tokenizer, tmp / "model.gguf", pre, name=ckpt.name)
+        metrics = {**exact, "tokenizer_pre": pre, "bytes_out": (tmp / "model.gguf").stat().st_size,
+                   "seconds": round(time.perf_counter() - t0, 3)}
         return out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics)
