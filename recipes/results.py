@@ -107,6 +107,7 @@ def comparison_table(runs: dict) -> list[str]:
         for split in ("test", "test-oot"):
             rows.append(("int4-qat vs bf16-then-ptq (both INT4)", split, j, ("bf16", j, "int4"), ("int4-qat", j, "int4")))
             rows.append(("int4-qat vs int4-ptq (both INT4)", split, j, ("int4-ptq", j, "int4"), ("int4-qat", j, "int4")))
+            rows.append(("int4-qat (INT4) vs bf16 (dense)", split, j, ("bf16", j, "dense"), ("int4-qat", j, "int4")))
     for arm, kind in (("int4-qat", "int4"), ("bf16", "dense"), ("bf16", "int4"), ("int4-ptq", "int4")):
         links = sorted({x for s in runs.values() for x in s.get(arm, {})})
         if len(links) > 1:

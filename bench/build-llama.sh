@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds the llama.cpp tools qatctl's GGUF checks and benchmarks use (llama-bench, llama-cli,
+# llama-quantize, llama-server) from the llama.cpp source that the llama-cpp-python package vendors
+# (the recipe of ../shared/tools/build-llama-bench.sh, more targets). 10-25 minutes on 2 cores.
+#   bash bench/build-llama.sh [DIR]     -> prints the bin/ folder last; DIR/VERSION says which llama.cpp
+set -euo pipefail
+DIR=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-cpp}
+BIN=$DIR/src/build/bin
+TOOLS=(llama-bench llama-cli llama-quantize llama-server)
+done_all=1; for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || done_all=0; done
+if [ "$done_all" = 1 ]; then echo "$BIN"; exit 0; fi
+mkdir -p "$DIR" && cd "$DIR"
+[ -n "$(ls sdist/llama_cpp_python-*.tar.gz 2>/dev/null)" ] ||
+  python3 -m pip download -q --no-deps --no-binary :all: llama-cpp-python -d sdist
+SDIST=$(ls sdist/llama_cpp_python-*.tar.gz | head -1)
+rm -rf src && mkdir src && tar xzf "$SDIST" -C src --strip-components=3 --wildcards '*/vendor/llama.cpp/*'
+{ echo "llama-cpp-python sdist: $(basename "$SDIST")";
+  grep -m1 -E 'LLAMA_BUILD_NUMBER|BUILD_NUMBER' src/CMakeLists.txt src/cmake/build-info.cmake 2>/dev/null || true; } > VERSION
+cd src
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON > build.log 2>&1
+cmake --build build --target "${TOOLS[@]}" -j"$(nproc)" >> build.log 2>&1
+echo "$BIN"
