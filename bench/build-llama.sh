@@ -10,8 +10,16 @@ TOOLS=(llama-bench llama-cli llama-quantize llama-server)
 done_all=1; for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || done_all=0; done
 if [ "$done_all" = 1 ]; then echo "$BIN"; exit 0; fi
 mkdir -p "$DIR" && cd "$DIR"
-[ -n "$(ls sdist/llama_cpp_python-*.tar.gz 2>/dev/null)" ] ||
-  python3 -m pip download -q --no-deps --no-binary :all: llama-cpp-python -d sdist
+# The sdist straight from the registry's JSON API: `pip download --no-binary :all:` would build the
+# package's build dependencies (cmake among them) from source just to read its metadata.
+[ -n "$(ls sdist/llama_cpp_python-*.tar.gz 2>/dev/null)" ] || python3 - <<'PY'
+import json, os, urllib.parse, urllib.request
+api = os.environ.get("PYPI_JSON", "https://pypi.org/pypi/llama-cpp-python/json")
+info = json.load(urllib.request.urlopen(api, timeout=60))
+sdist = next(u for u in info["urls"] if u["packagetype"] == "sdist")
+os.makedirs("sdist", exist_ok=True)
+urllib.request.urlretrieve(urllib.parse.urljoin(api, sdist["url"]), os.path.join("sdist", sdist["filename"]))
+PY
 SDIST=$(ls sdist/llama_cpp_python-*.tar.gz | head -1)
 rm -rf src && mkdir src && tar xzf "$SDIST" -C src --strip-components=3 --wildcards '*/vendor/llama.cpp/*'
 { echo "llama-cpp-python sdist: $(basename "$SDIST")";

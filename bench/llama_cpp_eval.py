@@ -67,6 +67,11 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit(f"llama-server exited {server.returncode}; see {log.name}")
             time.sleep(0.2)
+        # llama.cpp's own tokenization of the prompt text (the GGUF's tokenizer.ggml.pre at work)
+        # against the ids qatctl's tokenizer gives: the export's tokenizer is right when they agree
+        same_tokens = sum(httpx.post(url + "/tokenize", timeout=60, json={
+            "content": p.text, "add_special": False, "parse_special": True}).json()["tokens"] == list(p.prompt_ids)
+            for p in rows)
         samples, correct, t0 = [], 0, time.perf_counter()
         for p in rows:
             r = httpx.post(url + "/completion", timeout=300, json={
@@ -86,9 +91,11 @@ def main() -> None:
               "device": "cpu", "threads": a.threads, "prompts": str(a.prompts), "prompts_digest": sha256_file(a.prompts),
               "limit": a.limit, "max_new_tokens": a.max_new_tokens, "reward_name": "exact-number",
               "accuracy": correct / len(rows), "correct": correct, "total": len(rows), "seconds": round(seconds, 1),
+              "prompts_tokenized_identically": same_tokens,
               "samples": samples}
     a.out.write_text(json.dumps(result, indent=1))
-    print(f"{a.gguf}: {correct}/{len(rows)} ({100 * correct / len(rows):.1f}%) in {seconds:.0f} s -> {a.out}")
+    print(f"{a.gguf}: {correct}/{len(rows)} ({100 * correct / len(rows):.1f}%) in {seconds:.0f} s; prompts tokenized as "
+          f"qatctl does: {same_tokens}/{len(rows)} -> {a.out}")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,9 @@ def _vocab(writer, folder: Path, tokenizer, vocab_size: int, pre: str) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    if special.add_special_token.get("bos") is None:  # what the tokenizer does, stated, not left to a default
+        ids = tokenizer("a")["input_ids"]
+        special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
     special.add_to_gguf(writer)
 
 
@@ -124,7 +127,7 @@ def _metadata(writer, cfg: dict, arch: str, name: str) -> None:
     writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_rope_dimension_count(head_dim)
-    if arch == "QWEN3":
+    if cfg.get("head_dim") is not None:  # as the converter: whenever the config names it
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
 
