@@ -34,7 +34,7 @@ def loop(tmp_path_factory):
             "".join((REPO / f"recipes/data/arith-{split}.jsonl").read_text().splitlines(keepends=True)[:3]))
     variables = [
         f"QATCTL={wrapper}", f"RUN={root / 'run'}", "MODEL=tiny-llama", f"SFT_DATA={sft}", f"RL_PROMPTS={ARITH}",
-        f"EVAL={root}/arith-%.jsonl", "SPLITS=val test", "SPLITS_MID=val", "LINKS=1 2", "KINDS=int4",
+        f"EVAL={root}/arith-%.jsonl", "SPLITS=val", "LINKS=1", "KINDS=int4",
         "SFT_FLAGS=--steps 2 --batch-size 2 --micro-batch 2 --lr 1e-3 --save-every 1",
         f"RL_FLAGS=--prompts-per-step 2 --max-new-tokens 4 --lr 1e-3 --micro-batch 8 --reward {root}/rw.py:odd_length",
         "SAMPLES=2", "ACC_FLAGS=--max-new-tokens 4", "CONSISTENCY_FLAGS=--limit 2 --samples-per-prompt 2 --max-new-tokens 4",
@@ -73,26 +73,22 @@ def test_loop_builds_once_then_reruns_exactly_what_changed_and_a_failure_stays_s
 
     make("-j2")  # the whole loop, independent arms side by side
     first = _stage_counts(commands())
-    # init; 2 SFT starts + their conversions; 3 arms x 2 links; each link's conversion; accuracy of
-    # (link 0, 2: val+test; link 1: val) x 2 kinds, link 0 scored once for bf16 and int4-ptq; the
+    # init; 2 SFT starts + their conversions; 3 arms x 1 link, each converted; accuracy (val, INT4)
+    # at link 0 and 1 per arm, int4-ptq's link 0 copied from bf16's (one start, scored once); the
     # last link's consistency per arm
-    # init; 2 SFT starts + their conversions; 3 arms x 2 links, each converted; accuracy per arm of
-    # link 0 and 2 (val + test) and link 1 (val) = 5, int4-ptq's link 0 copied from bf16's (one
-    # start, scored once); the last link's consistency per arm
-    assert first == {"init-qat": 1, "train-sft-qat": 2, "convert-int4": 2 + 6, "rl-step": 6,
-                     "accuracy": 5 + 5 + 3, "eval-consistency": 3}
+    assert first == {"init-qat": 1, "train-sft-qat": 2, "convert-int4": 2 + 3, "rl-step": 3,
+                     "accuracy": 2 + 2 + 1, "eval-consistency": 3}
     for arm in ("int4-qat", "bf16", "int4-ptq"):
-        for j, splits in ((0, ("val", "test")), (1, ("val",)), (2, ("val", "test"))):
-            for split in splits:
-                for kind in ("int4",):
-                    rec = json.loads((reports / f"s0/{arm}/link-{j}/accuracy-{split}-{kind}.json").read_text())
-                    assert rec["total"] == 3 and len(rec["samples"]) == 3
-        for j in (1, 2):
-            rl = json.loads((reports / f"s0/{arm}/link-{j}/rl.json").read_text())
-            assert rl["config"]["iterations"] == 1 and rl["config"]["seed"] == 0
-            assert (reports / f"s0/{arm}/link-{j}/metrics.jsonl").read_text().strip()
-        assert "arms" in json.loads((reports / f"s0/{arm}/link-2/consistency.json").read_text())
+        for j in (0, 1):
+            rec = json.loads((reports / f"s0/{arm}/link-{j}/accuracy-val-int4.json").read_text())
+            assert rec["total"] == 3 and len(rec["samples"]) == 3
+        rl = json.loads((reports / f"s0/{arm}/link-1/rl.json").read_text())
+        assert rl["config"]["iterations"] == 1 and rl["config"]["seed"] == 0
+        assert (reports / f"s0/{arm}/link-1/metrics.jsonl").read_text().strip()
+        assert "arms" in json.loads((reports / f"s0/{arm}/link-1/consistency.json").read_text())
     assert json.loads((run / "s0/bf16/policy-1/qatctl.json").read_text())["config"]["rollout_precision"] == "bf16"
+    assert (reports / "s0/int4-ptq/link-0/accuracy-val-int4.json").read_bytes() == \
+        (reports / "s0/bf16/link-0/accuracy-val-int4.json").read_bytes()
 
     make()  # nothing to do: no qatctl command at all, and -q agrees
     assert commands() == []
@@ -105,7 +101,7 @@ def test_loop_builds_once_then_reruns_exactly_what_changed_and_a_failure_stays_s
     make()
     again = _stage_counts(commands())
     assert "init-qat" not in again and (run / "init/qatctl.json").stat().st_mtime_ns == init_mtime
-    assert again["train-sft-qat"] == 2 and again["rl-step"] == 6 and again["eval-consistency"] == 3
+    assert again["train-sft-qat"] == 2 and again["rl-step"] == 3 and again["eval-consistency"] == 3
     sft_manifest = json.loads((run / "s0/sft-qat/qatctl.json").read_text())
     assert any(i["path"] == str(sft) for i in sft_manifest["inputs"])
     assert make("-q", check=False).returncode == 0
@@ -120,9 +116,15 @@ def test_loop_builds_once_then_reruns_exactly_what_changed_and_a_failure_stays_s
 
 def test_loop_scores_dense_policies_and_refuses_bad_variables(loop):
     root, make, _ = loop
-    dry = make("-n", "-B", "KINDS=int4 dense").stdout  # dense: the policy itself, through the fp32 engine
-    assert f"accuracy {root}/run/s0/int4-qat/policy-1 --prompts {root}/arith-val.jsonl" in dry
-    assert f"accuracy {root}/run/s0/int4-qat/int4-1 --prompts {root}/arith-val.jsonl" in dry
+    dry = make("-n", "-B", "KINDS=int4 dense", "LINKS=1 2", "SPLITS=val test", "SPLITS_MID=val").stdout
+    acc = {" ".join(ln.split(" accuracy ", 1)[1].split()[:3]) for ln in dry.splitlines() if " accuracy " in ln}
+    # dense: the policy itself, through the fp32 engine; every split at link 0 and the last link,
+    # SPLITS_MID between
+    for model in ("int4-qat/policy-1", "int4-qat/int4-1"):
+        assert f"{root}/run/s0/{model} --prompts {root}/arith-val.jsonl" in acc
+        assert f"{root}/run/s0/{model} --prompts {root}/arith-test.jsonl" not in acc
+    for model in ("int4-qat/policy-2", "int4-qat/int4-2", "sft-qat", "sft-qat-int4"):
+        assert {f"{root}/run/s0/{model} --prompts {root}/arith-{s}.jsonl" for s in ("val", "test")} <= acc
     for bad, words in (("ARMS=int4-qat fp8", "ARMS: 'fp8'"), ("LINKS=10 x", "LINKS: 'x'"),
                        ("THREADS=0", "THREADS"), ("EVAL=recipes/data/arith.jsonl", "needs a %")):
         p = make("-n", bad, check=False)
