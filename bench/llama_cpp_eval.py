@@ -8,6 +8,9 @@ problems.
 The prompts are tokenized by qatctl (the checkpoint's chat template) and sent to llama-server as
 token ids, so both engines see the same tokens; generation is greedy (temperature 0, top_k 1),
 32 new tokens as `qatctl accuracy`, EOS stops it; the completion is decoded by the same tokenizer.
+Its record also says how many prompt texts llama.cpp itself tokenizes to the same ids (the GGUF's
+tokenizer.ggml.pre at work). For llama.cpp's own PTQ baseline: its convert_hf_to_gguf.py (in the
+same sdist; needs `pip install sentencepiece`) to BF16, then `llama-quantize ... Q4_0`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +56,7 @@ def main() -> None:
     tok = load_tokenizer(a.tokenizer)
     rows = data.load_prompts(a.prompts, tok)[: a.limit]
     port = free_port()
-    log = open(a.out.with_suffix(".server.log"), "w")
+    log = open(Path(tempfile.gettempdir()) / f"{a.out.stem}.llama-server.log", "w")  # not beside the records
     server = subprocess.Popen([str(a.bin / "llama-server"), "-m", str(a.gguf), "--host", "127.0.0.1", "--port", str(port),
                                "-t", str(a.threads), "-c", "1024", "-np", "1", "--no-webui"],
                               stdout=log, stderr=subprocess.STDOUT)

@@ -72,13 +72,13 @@ def llama_permute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.
 
 def pretokenizer(tokenizer_json: dict, override: str | None, where: str) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for this tokenizer: the one whose splitting equals its own.
-    A byte-level BPE with GPT-2's regex and no normalizer is llama.cpp's `gpt2`; anything else needs
+    A byte-level BPE with GPT-2's regex and no normalizer is llama.cpp's `gpt-2`; anything else needs
     --gguf-pre (llama.cpp would otherwise split text another way than qatctl's tokenizer does)."""
     if override:
         return override
     pre, norm = tokenizer_json.get("pre_tokenizer"), tokenizer_json.get("normalizer")
     if norm is None and isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     raise QatctlError(f"{where}: its pre-tokenizer ({json.dumps(pre)[:120]}) has no llama.cpp name qatctl knows; pass "
                       "--gguf-pre NAME (llama.cpp's tokenizer.ggml.pre whose splitting equals it)")
 

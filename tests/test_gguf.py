@@ -56,9 +56,9 @@ def test_gguf_holds_qatctls_codes_and_scales(preset, arch, tmp_path):
 
     make_tiny(preset, tmp_path / "init")
     out = tmp_path / "gguf"
-    m = json.loads(qatctl("convert-int4", tmp_path / "init", "--format", "gguf", "--gguf-pre", "gpt2", "--out", out,
+    m = json.loads(qatctl("convert-int4", tmp_path / "init", "--format", "gguf", "--gguf-pre", "gpt-2", "--out", out,
                           "--json").stdout)
-    assert m["kind"] == "gguf" and m["metrics"]["inexact_scales"] == 0 and m["metrics"]["tokenizer_pre"] == "gpt2"
+    assert m["kind"] == "gguf" and m["metrics"]["inexact_scales"] == 0 and m["metrics"]["tokenizer_pre"] == "gpt-2"
     cfg = json.loads((tmp_path / "init" / "config.json").read_text())
     codes, _ = _codes(tmp_path / "init")
     reader = gguf.GGUFReader(out / "model.gguf")
@@ -80,7 +80,7 @@ def test_gguf_holds_qatctls_codes_and_scales(preset, arch, tmp_path):
     fields = reader.fields
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens.data) == cfg["vocab_size"]
-    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "gpt2"
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "gpt-2"
     assert "tokenizer.chat_template" in fields and fields["general.architecture"].parts[-1].tobytes().decode() == arch
     # transformers' own GGUF reader (llama: it undoes the Q/K permutation) gives every linear as
     # q * scale in HF order, and every other tensor as the checkpoint holds it. Not for qwen3:
@@ -100,17 +100,17 @@ def test_gguf_holds_qatctls_codes_and_scales(preset, arch, tmp_path):
 def test_gguf_refuses_what_q4_0_cannot_express(tmp_path):
     make_tiny("tiny-llama", tmp_path / "g64", group_size=64)
     out = tmp_path / "out"
-    p = qatctl("convert-int4", tmp_path / "g64", "--format", "gguf", "--gguf-pre", "gpt2", "--out", out, check=False)
+    p = qatctl("convert-int4", tmp_path / "g64", "--format", "gguf", "--gguf-pre", "gpt-2", "--out", out, check=False)
     assert_usage_error(p, "group size 32", "group size 64", "--group-size 32", absent=[out])
     make_tiny("tiny-qwen3-moe", tmp_path / "moe")
-    p = qatctl("convert-int4", tmp_path / "moe", "--format", "gguf", "--gguf-pre", "gpt2", "--out", out, check=False)
+    p = qatctl("convert-int4", tmp_path / "moe", "--format", "gguf", "--gguf-pre", "gpt-2", "--out", out, check=False)
     assert_usage_error(p, "Qwen3-MoE", absent=[out])
     make_tiny("tiny-llama", tmp_path / "tiny")  # a byte-level tokenizer without GPT-2's split: no llama.cpp name
     p = qatctl("convert-int4", tmp_path / "tiny", "--format", "gguf", "--out", out, check=False)
     assert_usage_error(p, "tokenizer.json", "--gguf-pre", absent=[out])
     assert_usage_error(qatctl("convert-int4", tmp_path / "tiny", "--format", "onnx", "--out", out, check=False),
                        "--format 'onnx'", absent=[out])
-    assert_usage_error(qatctl("convert-int4", tmp_path / "tiny", "--gguf-pre", "gpt2", "--out", out, check=False),
+    assert_usage_error(qatctl("convert-int4", tmp_path / "tiny", "--gguf-pre", "gpt-2", "--out", out, check=False),
                        "--gguf-pre", absent=[out])
 
 
@@ -127,7 +127,7 @@ def test_a_scale_fp16_cannot_hold_is_counted_not_rounded_silently(tmp_path):
     w[key] = big
     save_file(w, f, metadata={"format": "pt"})
     redigest(tmp_path / "init")
-    m = json.loads(qatctl("convert-int4", tmp_path / "init", "--format", "gguf", "--gguf-pre", "gpt2", "--out",
+    m = json.loads(qatctl("convert-int4", tmp_path / "init", "--format", "gguf", "--gguf-pre", "gpt-2", "--out",
                           tmp_path / "out", "--json").stdout)["metrics"]
     assert m["inexact_scales"] == 2 and m["inexact_scale_tensors"] == {"blk.0.ffn_down.weight": 2}
     q = torch.zeros(1, 64, dtype=torch.int8)
@@ -137,13 +137,13 @@ def test_a_scale_fp16_cannot_hold_is_counted_not_rounded_silently(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_exports_exactly(smollm2_pair, tmp_path):
-    """The real model: llama.cpp's `gpt2` pre-tokenizer recognized from tokenizer.json, every one of
+    """The real model: llama.cpp's `gpt-2` pre-tokenizer recognized from tokenizer.json, every one of
     the 210 linears Q4_0 with every scale exact in fp16, and the gguf dequantizer gives back q * scale
     (the Q/K row order is proven on tiny-llama through transformers' reader)."""
     init = smollm2_pair[0]
     out = tmp_path / "gguf"
     m = json.loads(qatctl("convert-int4", init, "--format", "gguf", "--out", out, "--json").stdout)["metrics"]
-    assert m == {**m, "q4_0_tensors": 210, "inexact_scales": 0, "tokenizer_pre": "gpt2"}
+    assert m == {**m, "q4_0_tensors": 210, "inexact_scales": 0, "tokenizer_pre": "gpt-2"}
     codes, _ = _codes(init)
     tensors = {t.name: t for t in gguf.GGUFReader(out / "model.gguf").tensors}
     assert sum(t.tensor_type == gguf.GGMLQuantizationType.Q4_0 for t in tensors.values()) == len(codes) == 210
