@@ -22,7 +22,9 @@
 # the makefile is read: also under -n and -q). Stages get --force, which replaces only an output
 # made from other inputs or config: an input touched without a change prints "up to date" and
 # touches the manifest. A killed target resumes through the stage's own resume state
-# (DIR.partial/); a failed one leaves no newer manifest, so Make still sees it stale.
+# (DIR.partial/); a failed one leaves no newer manifest, so Make still sees it stale. Scoring
+# waits (order-only) for its arm's last RL link, so `make -j` keeps the RL chains, the long pole,
+# busy first; asking for one report builds its arm's chain.
 
 QATCTL      ?= qatctl
 PYTHON      ?= python3
@@ -115,8 +117,8 @@ $(call report,$1,$2,$4)/rl.json: $(call policy,$1,$2,$4)/qatctl.json
 ALL += $(call report,$1,$2,$4)/rl.json
 endef
 
-define acc_rule  # seed arm j split kind
-$(call report,$1,$2,$3)/accuracy-$4-$5.json: $(call model_of,$1,$2,$3,$5)/qatctl.json $(call split_file,$4) $(VARS)/acc
+define acc_rule  # seed arm j split kind (after the arm's RL chain: under -j the long pole runs first)
+$(call report,$1,$2,$3)/accuracy-$4-$5.json: $(call model_of,$1,$2,$3,$5)/qatctl.json $(call split_file,$4) $(VARS)/acc | $(call policy,$1,$2,$(LAST))/qatctl.json
 	@mkdir -p $$(@D)
 	$$(Q) accuracy $(call model_of,$1,$2,$3,$5) --prompts $(call split_file,$4) $(ACC_FLAGS) --json > $$@.tmp
 	mv $$@.tmp $$@
