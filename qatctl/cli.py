@@ -417,7 +417,7 @@ def accuracy(
         from qatctl import data
         from qatctl.artifacts import read_artifact
         from qatctl.engines import load_engine
-        from qatctl.rl import rewards as rl
+        from qatctl.rl import rewards
 
         if limit is not None and limit < 1:
             raise QatctlError(f"--limit {limit}: must be >= 1")
@@ -425,10 +425,10 @@ def accuracy(
 
         finite("--max-new-tokens", max_new_tokens, lo=1, hi=4096)
         art = read_artifact(model, ("int4-checkpoint", "qat-checkpoint"))
-        score = rl.load_reward(reward)
+        score = rewards.load_reward(reward)
         engine = load_engine(model, weights="int4" if art.kind == "int4-checkpoint" else "fp32", device=device)
         rows = data.load_prompts(prompts, engine.tokenizer)[:limit]
-        result = rl.exact_match_accuracy(engine, rows, score, max_new_tokens=max_new_tokens)
+        result = rewards.exact_match_accuracy(engine, rows, score, max_new_tokens=max_new_tokens)
         from qatctl.artifacts import sha256_file
 
         # what `qatctl compare` needs to pair two scorings: the problems they are over

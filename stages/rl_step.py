@@ -127,9 +127,9 @@ def _check_rollout_model(policy, int4, allow_stale: bool) -> bool:
 
 def run(config: RlStepConfig) -> dict:
     _validate(config)
-    from qatctl.rl import rewards as rl
+    from qatctl.rl import rewards
 
-    reward_fn = rl.load_reward(config.reward)  # unknown reward fails before anything loads
+    reward_fn = rewards.load_reward(config.reward)  # unknown reward fails before anything loads
     policy = read_artifact(config.policy, "qat-checkpoint")
     int4 = read_artifact(config.rollout_model, "int4-checkpoint") if config.rollout_model else None
     stale = _check_rollout_model(policy, int4, config.allow_stale_rollout_model) if int4 else False
@@ -146,7 +146,7 @@ def run(config: RlStepConfig) -> dict:
 
     scheme = QuantScheme.from_manifest(policy.manifest.get("quant") or {}, f"{config.policy}/qatctl.json")
     tokenizer = models.load_tokenizer(config.policy)
-    prompts = data.load_prompts(config.prompts, tokenizer, need_answer=config.reward in rl.BUILTIN_REWARDS)
+    prompts = data.load_prompts(config.prompts, tokenizer, need_answer=config.reward in rewards.BUILTIN_REWARDS)
     session = rlrun.Session(config, policy, int4, reference, scheme, tokenizer, prompts, reward_fn)
     if not session.is_main:  # DeepSpeed: rank 0 owns OUT.partial and writes the artifact
         session.run(None)

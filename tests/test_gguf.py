@@ -90,7 +90,6 @@ def test_gguf_holds_qatctls_codes_and_scales(preset, arch, tmp_path):
         return
     model = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
     sd = model.state_dict()
-    codes, _ = _codes(tmp_path / "init")
     for key, w in load_file(tmp_path / "init" / "model.safetensors").items():
         module = key.removesuffix(".weight")
         want = _product(*codes[module]) if module in codes else w.float()

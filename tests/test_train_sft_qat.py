@@ -229,7 +229,7 @@ def test_sft_qat_on_smollm2_improves_int4_accuracy(smollm2_pair, tmp_path):
     engine. Measured: base 2/64 (3%), after 29/64 (45%); the test asks for +15 points."""
     from qatctl import data
     from qatctl.engines import load_engine
-    from qatctl.rl import rewards as rl
+    from qatctl.rl import rewards
 
     init, base_int4 = smollm2_pair
     sft, sft_int4 = tmp_path / "sft", tmp_path / "sft-int4"
@@ -240,5 +240,5 @@ def test_sft_qat_on_smollm2_improves_int4_accuracy(smollm2_pair, tmp_path):
     for name, folder in (("base", base_int4), ("sft", sft_int4)):
         engine = load_engine(folder)
         prompts = data.load_prompts(REPO / "recipes/data/arith-test.jsonl", engine.tokenizer)[:64]
-        accuracy[name] = rl.exact_match_accuracy(engine, prompts, max_new_tokens=24)["accuracy"]
+        accuracy[name] = rewards.exact_match_accuracy(engine, prompts, max_new_tokens=24)["accuracy"]
     assert accuracy["sft"] >= accuracy["base"] + 0.15, accuracy

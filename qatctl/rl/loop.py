@@ -32,7 +32,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from qatctl.errors import QatctlError
-from qatctl.rl import loss as rl
+from qatctl.rl import loss as rl_loss
 from qatctl.rl.settings import GRPOSettings, prompt_index  # noqa: F401  (GRPOSettings re-exported)
 
 
@@ -121,7 +121,7 @@ class GRPOLoop:
             for r in new:
                 r["reward"] = _checked_reward(self.reward_fn, r)
             timings["reward"] += time.perf_counter() - t
-            adv, informative = rl.group_advantages(
+            adv, informative = rl_loss.group_advantages(
                 torch.tensor([r["reward"] for r in new]).view(len(chosen), n), scale_by_std=s.scale_by_std)
             for g, ok in enumerate(informative.tolist()):
                 group = new[g * n:(g + 1) * n]
@@ -180,7 +180,7 @@ class GRPOLoop:
         cap = self.s.tis_cap
         return {"train_rollout_logprob_abs_diff_mean": mm["mean_abs_diff"],
                 "train_rollout_logprob_abs_diff_max": mm["max_abs_diff"], "k3_kl_rollout_train": mm["k3_kl"],
-                "tis_mean": float(rl.tis_weights(train_t, rollout_t, cap).mean()),
+                "tis_mean": float(rl_loss.tis_weights(train_t, rollout_t, cap).mean()),
                 "tis_clip_fraction": float((torch.exp(train_t - rollout_t) > cap).float().mean()) if cap > 0 else 0.0}
 
     def _plan(self, rows, world: int | None = None):
@@ -252,12 +252,12 @@ class GRPOLoop:
         T = logp.shape[1] + start + 1
         old = _padded([r["train_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
         roll = _padded([r["rollout_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
-        w = rl.tis_weights(old, roll, s.tis_cap) * comp
+        w = rl_loss.tis_weights(old, roll, s.tis_cap) * comp
         adv = torch.tensor([r["advantage"] for r in mb], device=dev)
-        loss, n_clip = rl.ppo_clip_loss(logp, old, adv, comp, s.clip_eps, w, normalizer=n_tokens)
+        loss, n_clip = rl_loss.ppo_clip_loss(logp, old, adv, comp, s.clip_eps, w, normalizer=n_tokens)
         if s.kl_coef > 0:
             ref = _padded([r["ref_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
-            loss = loss + s.kl_coef * (rl.k3_kl(ref, logp) * comp).sum() / n_tokens
+            loss = loss + s.kl_coef * (rl_loss.k3_kl(ref, logp) * comp).sum() / n_tokens
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
         return loss, {"clipped": n_clip, "entropy": float((ent * comp).sum()), "tokens": int(comp.sum()),
