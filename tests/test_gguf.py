@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import gguf  # a declared dependency: a missing one fails, never skips
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,6 @@ from safetensors.torch import load_file, save_file
 from test_cli import assert_usage_error
 
 from conftest import make_tiny, qatctl, redigest
-
-gguf = pytest.importorskip("gguf")
 
 
 def _codes(ckpt):
