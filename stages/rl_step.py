@@ -109,8 +109,34 @@ def _validate(c: RlStepConfig) -> None:
         raise QatctlError("--engine-url needs --rollout-model INT4 (the server is first pointed at it)")
     if not Path(c.prompts).is_file():
         raise QatctlError(f"{c.prompts}: no such prompts file")
+    if c.true_on_policy:
+        _validate_true_on_policy(c)
     if c.deepspeed is not None and (c.mini_batches != 1 or c.iterations != 1):
         raise QatctlError("--deepspeed runs one iteration with --mini-batches 1 per process (chain rl-steps)")
+
+
+def _validate_true_on_policy(c: RlStepConfig) -> None:
+    """--true-on-policy where it can hold (DESIGN §6a), refused with the reason everywhere else."""
+    if c.arm == "int4-ptq":
+        raise QatctlError("--true-on-policy with --no-fake-quant and int4 rollouts (the PTQ arm): the trainer computes "
+                          "with BF16 weights and the rollouts with their INT4 conversion, so the two can never agree")
+    if c.arm == "bf16":
+        raise QatctlError("--true-on-policy with --rollout-precision bf16: the dense BF16 path has no native exact "
+                          "forward yet (only the W4A16 one does); use it with the int4-qat arm")
+    if c.engine_url:
+        raise QatctlError("--true-on-policy with --engine-url: a server computes with its own kernels; the mode needs "
+                          "the embedded engine, whose forward the trainer runs")
+    if c.deepspeed is not None:
+        raise QatctlError("--true-on-policy with --deepspeed: not supported (the engine's forward needs the whole "
+                          "policy on this process)")
+    if c.device == "cuda":
+        raise QatctlError("--true-on-policy with --device cuda: the exact forward is the CPU native kernels' "
+                          "(a CUDA one would need batch-invariant W4A16 GEMM and attention kernels)")
+    from qatctl.engines import kernels
+
+    if not kernels.available():
+        raise QatctlError("--true-on-policy: the native kernels are unavailable here (no C compiler, a failed build, "
+                          "or QATCTL_NO_NATIVE=1); without them no forward is exact, and the mode never approximates")
 
 
 def _check_rollout_model(policy, int4, allow_stale: bool) -> bool:

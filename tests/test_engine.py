@@ -178,7 +178,7 @@ def test_repeated_prompts_prefill_once_and_match_alone(tiny_pairs, preset, monke
     params = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=s) for s in range(len(prompts))]
     calls = []
     real = type(eng)._prefill
-    monkeypatch.setattr(type(eng), "_prefill", lambda self, ids, cache, row: (calls.append(row), real(self, ids, cache, row))[1])
+    monkeypatch.setattr(type(eng), "_prefill", lambda self, ids, cache, row, start: (calls.append(row), real(self, ids, cache, row, start))[1])
     batched = eng.generate(prompts, params)
     assert calls == [0, 1]
     monkeypatch.undo()

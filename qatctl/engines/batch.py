@@ -39,7 +39,8 @@ PREFIX_CACHE_BYTES = 256 * 2**20  # default budget of the prefix cache
 
 
 class PrefixCache:
-    """Whole-prompt KV cache: tuple(prompt ids) -> (per-layer K, V [kv heads, T, head_dim], last hidden)."""
+    """Whole-prompt KV cache: tuple(prompt ids) -> (per-layer K, V [kv heads, T, head_dim], the
+    next-token logits after the prompt)."""
 
     def __init__(self, budget_bytes: int = PREFIX_CACHE_BYTES):
         self.budget = budget_bytes
@@ -56,14 +57,14 @@ class PrefixCache:
         self.entries.move_to_end(key)
         return hit
 
-    def put(self, key: tuple, kv: list, last_h: torch.Tensor) -> None:
-        size = sum(k.numel() * k.element_size() * 2 for k, _ in kv) + last_h.numel() * last_h.element_size()
+    def put(self, key: tuple, kv: list, last: torch.Tensor) -> None:
+        size = sum(k.numel() * k.element_size() * 2 for k, _ in kv) + last.numel() * last.element_size()
         if size > self.budget or key in self.entries:
             return
         while self.bytes + size > self.budget:
             _, (old_kv, old_h, old_size) = self.entries.popitem(last=False)
             self.bytes -= old_size
-        self.entries[key] = (kv, last_h, size)
+        self.entries[key] = (kv, last, size)
         self.bytes += size
 
     def flush(self) -> int:
@@ -147,17 +148,17 @@ class DecodeBatch:
         hit = eng.prefix_cache.get(key)
         T = len(prompt_ids)
         if hit is not None:
-            kv, last_h, _ = hit
+            kv, last, _ = hit
             for (K, V), (k, v) in zip(self.cache, kv, strict=True):
                 K[row, :, :T] = k
                 V[row, :, :T] = v
             seq.cached_tokens = T
         else:
-            last_h = eng._prefill(prompt_ids, self.cache, row)[-1]
+            last = eng._prefill(prompt_ids, self.cache, row, T - 1).cpu()[0]
             eng.prefix_cache.put(key, [(K[row, :, :T].clone(), V[row, :, :T].clone()) for K, V in self.cache],
-                                 last_h.clone())
+                                 last.clone())
         seq.row, seq.length = row, T
-        seq.logits = eng._logits(last_h.unsqueeze(0)).cpu()[0]
+        seq.logits = last
         self.running.append(seq)
         return seq
 
@@ -187,7 +188,7 @@ class DecodeBatch:
             o, sp = seq.completion, seq.params
             tok, lp = _sample(seq.logits, sp, seq.generator, seq, eng.eos_ids)
             if sp.top_logprobs:
-                top = torch.log_softmax(seq.logits, dim=-1).topk(sp.top_logprobs)
+                top = token_logprobs(seq.logits).topk(sp.top_logprobs)
                 o.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
             o.output_ids.append(tok)
             o.logprobs.append(lp)
@@ -226,10 +227,20 @@ def _generator(seed):
     return g
 
 
+def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """The raw log-softmax of one position's logits [V]: the one call that gives a sampled token's
+    logprob and a scored token's (score, prompt_logprobs), so equal logits give equal bits."""
+    return torch.log_softmax(logits, dim=-1)
+
+
+def token_logprob(logits: torch.Tensor, tok: int) -> float:
+    return float(token_logprobs(logits)[tok])
+
+
 def _sample(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator, seq: Sequence | None = None,
             eos_ids=()) -> tuple[int, float]:
     """One token from `logits` (raw, fp32) under `sp`; returns it with its raw logprob."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = token_logprobs(logits)
     if seq is not None and sp.shapes_logits:
         logits = _shape(logits.clone(), sp, seq, eos_ids)
     if sp.temperature == 0:

@@ -35,12 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from qatctl.engines import Completion, SamplingParams
+from qatctl.engines.batch import token_logprob
 from qatctl.engines.linears import DenseLinear, Int4Linear, RowInvariantLinear
 from qatctl.errors import QatctlError
 from qatctl.quant import dequant
 
 log = logging.getLogger("qatctl.engine")
 SUPPORTED = ("llama", "qwen3", "qwen3_moe")
+PREFILL_CHUNK = 256  # prompt tokens per native call of an exact prefill (bounds its buffers; the bits do not depend on it)
 
 
 def _rms_norm(x, w, eps):
@@ -109,7 +111,7 @@ class _Weights:
 class EmbeddedEngine:
     max_running = 64  # sequences decoding at once in generate() (rl-step --max-batch); the server's scheduler has its own
 
-    def __init__(self, folder: Path, cfg: dict, w: _Weights, tokenizer, eos_ids: set[int]):
+    def __init__(self, folder: Path, cfg: dict, w: _Weights, tokenizer, eos_ids: set[int], stepwise: bool = False):
         self.folder, self.cfg, self.tokenizer, self.eos_ids = folder, cfg, tokenizer, eos_ids
         self.device = w.device
         self.model_type = cfg["model_type"]
@@ -130,6 +132,7 @@ class EmbeddedEngine:
 
         self.prefix_cache = PrefixCache()
         self._build(w)
+        self.stepwise = stepwise and not self.native_exact  # exact prefill on the torch path
 
     def _build(self, w: _Weights) -> None:
         """Every weight-holding part of the engine from `w` (load and update_weights share it)."""
@@ -174,13 +177,14 @@ class EmbeddedEngine:
 
     @classmethod
     def load(cls, path, weights: str = "int4", device: str = "auto", tensors: dict | None = None,
-             group_size: int | None = None, kernel: str = "auto"):
+             group_size: int | None = None, kernel: str = "auto", exact: bool = False):
         """weights: 'int4' (the 4-bit kernel; needs an int4-checkpoint), or 'fp32' / 'bf16' to run
         any HF folder dense (an int4-checkpoint is then dequantized: a baseline, never the default).
         device: auto (CUDA when present), cpu or cuda. `tensors` (with `group_size` for int4) gives
         the weights from memory, as update_weights takes them; the folder then supplies only the
         config and tokenizer. kernel: 'auto' (the native kernels where they apply), 'native'
-        (an error where they cannot build) or 'torch' (the pure-torch path: aten int4, oneDNN)."""
+        (an error where they cannot build) or 'torch' (the pure-torch path: aten int4, oneDNN).
+        exact: prefill ≡ decode wherever the engine runs (see `exact`); native engines always are."""
         from transformers import GenerationConfig
 
         from qatctl.engines import kernels
@@ -217,7 +221,7 @@ class EmbeddedEngine:
             eos_ids |= set(g if isinstance(g, list) else [g] if g is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        engine = cls(folder, cfg, w, tokenizer, eos_ids)
+        engine = cls(folder, cfg, w, tokenizer, eos_ids, stepwise=exact)
         log.info("loaded %s on %s (%s weights, kernel %s, lm_head %s) in %.1fs", folder, engine.device, weights,
                  engine.kernel, engine.lm_head.kernel, time.perf_counter() - t0)
         return engine
@@ -297,10 +301,48 @@ class EmbeddedEngine:
         return [(torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
                 for _ in self.layers]
 
-    def _prefill(self, ids: list[int], cache, row: int) -> torch.Tensor:
-        t = torch.tensor([ids], device=self.device)
-        h = self._forward(t, torch.arange(len(ids), device=self.device).unsqueeze(0), cache, [row], [0])
-        return h[0]
+    @property
+    def native_exact(self) -> bool:
+        """The fused native forward (qatctl_decode, lm_head included) runs decode steps and prefill."""
+        return self.decode_plan is not None and bool(self.decode_plan.vocab)
+
+    @property
+    def exact(self) -> bool:
+        """Prefill ≡ decode: every position's logits are the same bits whether the position was
+        prefilled, decoded or scored. Native engines are exact (their prefill is the decode step's
+        native forward over the prompt's tokens); others when loaded with exact=True (their prefill
+        runs the torch decode step one position at a time: exact, and T calls slower)."""
+        return self.native_exact or self.stepwise
+
+    def _prefill(self, ids: list[int], cache, row: int, start: int) -> torch.Tensor:
+        """Run ids (positions 0..T-1) into cache row `row`; the next-token logits [T - start, V] of
+        positions start..T-1. Exact engines run the decode step's own native forward over the
+        prompt's tokens (PREFILL_CHUNK per call; positions before `start` skip the lm_head);
+        the others the torch forward (SDPA, its own reduction orders)."""
+        T = len(ids)
+        if not self.native_exact:
+            if self.stepwise:  # the decode step's torch forward, one position at a time (as _decode runs it)
+                out = []
+                for p in range(T):
+                    h = self._forward(torch.tensor([[ids[p]]], device=self.device),
+                                      torch.tensor([[p]], device=self.device), cache, [row], [p])[:, -1]
+                    if p >= start:
+                        out.append(self._logits(h))
+                return torch.cat(out) if out else torch.empty(0, self.vocab_size)
+            t = torch.tensor([ids], device=self.device)
+            h = self._forward(t, torch.arange(T, device=self.device).unsqueeze(0), cache, [row], [0])[0]
+            return self._logits(h[start:])
+        plan, x = self.decode_plan, self.embed[torch.tensor(ids)]
+        pool = plan.pool(cache)
+        out = []
+        for a in range(0, T, PREFILL_CHUNK):
+            b = min(T, a + PREFILL_CHUNK)
+            mid = min(max(a, start), b)
+            if mid > a:
+                plan(x[a:mid], pool, [row] * (mid - a), list(range(a, mid)), head=False)
+            if b > mid:
+                out.append(plan(x[mid:b], pool, [row] * (b - mid), list(range(mid, b))))
+        return torch.cat(out) if out else torch.empty(0, self.vocab_size)
 
     # ------------------------------------------------------------------ interface
 
@@ -367,11 +409,8 @@ class EmbeddedEngine:
             ids = list(p) + list(c)
             if len(ids) > self.max_pos:
                 raise QatctlError(f"score: {len(ids)} tokens exceed the model's {self.max_pos} positions")
-            h = self._prefill(ids, self._new_cache(1, len(ids)), 0)
-            logits = self._logits(h[len(p) - 1:len(ids) - 1])
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(c, device=self.device).unsqueeze(-1))
-            lp = lp.squeeze(-1)
-            result.append(lp.tolist())
+            logits = self._prefill(ids[:-1], self._new_cache(1, len(ids) - 1), 0, len(p) - 1).cpu()
+            result.append([token_logprob(row, tok) for row, tok in zip(logits, c, strict=True)])
             tops.append(logits.argmax(-1).tolist())
         return result, tops
 
@@ -383,9 +422,9 @@ class EmbeddedEngine:
             raise QatctlError(f"prompt_logprobs: {len(ids)} tokens exceed the model's {self.max_pos} positions")
         if len(ids) < 2:
             return [], []
-        h = self._prefill(ids, self._new_cache(1, len(ids)), 0)
-        lp = torch.log_softmax(self._logits(h[:-1]), dim=-1)
-        got = lp.gather(-1, torch.tensor(ids[1:], device=self.device).unsqueeze(-1)).squeeze(-1).tolist()
+        logits = self._prefill(ids[:-1], self._new_cache(1, len(ids) - 1), 0, 0).cpu()
+        got = [token_logprob(row, tok) for row, tok in zip(logits, ids[1:], strict=True)]
+        lp = torch.log_softmax(logits, dim=-1)
         if not top_n:
             return got, [None] * len(got)
         v, i = lp.topk(top_n, dim=-1)
@@ -447,7 +486,7 @@ class EmbeddedEngine:
                 "vocab_size": self.vocab_size,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes,
                 "lm_head_bytes": self.lm_head.nbytes, "lm_head_kernel": self.lm_head.kernel, "threads": torch.get_num_threads(),
-                "device": str(self.device), "max_running": self.max_running, "prefix_cache_prompts": len(self.prefix_cache.entries),
+                "device": str(self.device), "exact": self.exact, "max_running": self.max_running, "prefix_cache_prompts": len(self.prefix_cache.entries),
                 "prefix_cache_bytes": self.prefix_cache.bytes}
 
 

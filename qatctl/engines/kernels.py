@@ -260,11 +260,18 @@ class DecodePlan:
         dims.len_alloc = K0.shape[2]
         return (ctypes.c_void_p * (2 * len(cache)))(*[t.data_ptr() for kv in cache for t in kv]), dims, K0.shape[0]
 
-    def __call__(self, x: torch.Tensor, pool, rows: list[int], positions: list[int]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pool, rows: list[int], positions: list[int], head: bool = True) -> torch.Tensor:
         """x [M, hidden] fp32 (the new tokens' embeddings) -> the logits [M, vocab] when the plan
-        holds the lm_head (`self.vocab`), else the last layer's output [M, hidden] (before the final
-        norm); row m's k, v are written to the pool at [rows[m], :, positions[m]] of every layer."""
+        holds the lm_head (`self.vocab`) and `head`, else the last layer's output [M, hidden] (before
+        the final norm); row m's k, v are written to the pool at [rows[m], :, positions[m]] of every
+        layer. Token m attends over the pool's positions 0..positions[m] of its row, written before
+        any attention of its layer runs: so a row's prompt can be M tokens of one call (the engine's
+        exact prefill), and each token's result is the same bits as when it is decoded alone."""
         ptrs, dims, n_rows = pool
+        if not head and self.vocab:
+            dims = _DecDims.from_buffer_copy(dims)
+            dims.head, dims.vocab = None, 0
+        want_logits = head and self.vocab
         x = x.to(torch.float32).contiguous().clone()
         M = x.shape[0]
         if len(rows) != M or len(positions) != M or not all(0 <= r < n_rows for r in rows) \
@@ -272,7 +279,7 @@ class DecodePlan:
             raise ValueError("decode: rows or positions outside the KV pool")
         rows_t = torch.tensor(rows, dtype=torch.int64)
         pos_t = torch.tensor(positions, dtype=torch.int64)
-        logits = torch.empty(M, self.vocab) if self.vocab else None
+        logits = torch.empty(M, self.vocab) if want_logits else None
         if self.lib.qatctl_decode(ctypes.addressof(self.layers), ptrs, ctypes.addressof(dims), x.data_ptr(),
                                   None if logits is None else logits.data_ptr(), rows_t.data_ptr(), pos_t.data_ptr(),
                                   M, torch.get_num_threads()):

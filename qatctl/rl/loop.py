@@ -44,16 +44,18 @@ def rollout_seed(seed: int, iteration: int, slot: int, sample: int) -> int:
 class GRPOLoop:
     def __init__(self, s: GRPOSettings, model, pad_id: int, engine, trainer_for, reward_fn, prompts, *,
                  sync, world: int = 1, iteration: int = 0, cursor: int = 0, reference=None,
-                 device=torch.device("cpu"), compute=lambda model: contextlib.nullcontext()):
+                 device=torch.device("cpu"), compute=lambda model: contextlib.nullcontext(), refresh=None):
         """trainer_for(micro_batches_per_step) -> the Trainer (built once; DeepSpeed fixes its
         accumulation steps at construction). sync(model, iteration) pushes the weights.
         compute(model) is the context of a training-side forward (train.compute_context): scoring-only
-        passes run in it too, so old-policy logprobs are the update's own numerics."""
+        passes run in it too, so old-policy logprobs are the update's own numerics.
+        refresh(model) (true on-policy mode, between optimizer steps of one iteration) puts the
+        policy's current weights into the engine, whose forward then gives the update's logprobs."""
         self.s, self.model, self.pad_id, self.engine, self.trainer_for = s, model, pad_id, engine, trainer_for
         self.world = world
         self.reward_fn, self.prompts, self.sync_fn = reward_fn, prompts, sync
         self.iteration, self.cursor, self.reference, self.device = iteration, cursor, reference, device
-        self.compute = compute
+        self.compute, self.refresh = compute, refresh
 
     # ------------------------------------------------------------------ one iteration
 
@@ -68,15 +70,21 @@ class GRPOLoop:
         # One on-policy step without DeepSpeed: the update's forward pass is also the scoring pass.
         # Under DeepSpeed the engine's flattened parameter buffers change the last bits of a
         # forward pass, so scoring runs before it exists, on the same micro-batches.
-        fused = self.s.mini_batches == 1 and self.s.kl_coef == 0 and self.world == 1
+        # True on-policy: the rollout's logprobs are the old policy's (the update's forward checks
+        # it), so no scoring pass runs; only a KL's reference is scored.
+        true = self.s.true_on_policy
+        fused = not true and self.s.mini_batches == 1 and self.s.kl_coef == 0 and self.world == 1
         t = time.perf_counter()
-        scored = {} if fused else self._score(used)
+        scored = {} if fused or (true and self.s.kl_coef == 0) else self._score(used, policy=not true)
         timings["score"] = time.perf_counter() - t
         t = time.perf_counter()
         update = self._update(used, fused)
         timings["update"] = time.perf_counter() - t
         if fused:  # the update pass scored the tokens: its detached logprobs are the old policy's
             scored = self._mismatch([r for r in used if r["output_ids"] and "train_logprobs" in r])
+        if true:
+            scored = self._exact_mismatch([r for r in used if "native_checked" in r])
+            timings["update_native_forward"] = update.pop("seconds_native_forward")
         t = time.perf_counter()
         timings.update(self.sync_fn(self.model, self.iteration) or {})  # its parts, where it times them
         timings["sync"] = time.perf_counter() - t
@@ -151,13 +159,14 @@ class GRPOLoop:
                  "prompt_ids": o.prompt_ids, "output_ids": o.output_ids, "rollout_logprobs": o.logprobs,
                  "text": o.text, "finish_reason": o.finish_reason} for (slot, p, k), o in zip(todo, outs, strict=True)]
 
-    def _score(self, rows) -> dict:
+    def _score(self, rows, policy: bool = True) -> dict:
         """Train-side logprobs of the rollout tokens (old policy) on the update's own micro-batches,
-        and, with a KL, the reference's."""
+        and, with a KL, the reference's (policy=False: only the reference's)."""
         from qatctl.consistency import train_logprobs
 
-        _, rest, plan, _ = self._plan(rows, world=1)  # the split a single process trains on: scores
-        self._score_only([mb for mbs in plan for mb in mbs] + self._chunks(rest))
+        if policy:
+            _, rest, plan, _ = self._plan(rows, world=1)  # the split a single process trains on: scores
+            self._score_only([mb for mbs in plan for mb in mbs] + self._chunks(rest))
         rows = [r for r in rows if r["output_ids"]]
         if self.s.kl_coef > 0 and rows:
             with self.compute(self.reference):
@@ -165,7 +174,35 @@ class GRPOLoop:
                                         [r["output_ids"] for r in rows])
             for r, lp in zip(rows, ref, strict=True):
                 r["ref_logprobs"] = lp
-        return self._mismatch(rows)
+        return self._mismatch(rows) if policy else {}
+
+    def _exact_mismatch(self, rows) -> dict:
+        """True on-policy's mismatch metrics: every checked token's train logprob == its rollout's."""
+        n = sum(len(r["output_ids"]) for r in rows)
+        return {"train_rollout_logprob_abs_diff_mean": 0.0 if n else None,
+                "train_rollout_logprob_abs_diff_max": 0.0 if n else None, "k3_kl_rollout_train": 0.0 if n else None,
+                "tis_mean": 1.0 if n else None, "tis_clip_fraction": 0.0 if n else None,
+                "mismatch_exact": True, "mismatch_checked_tokens": n, "mismatch_tokens_differing": 0}
+
+    def _native_forward(self, mbs, first: bool) -> None:
+        """True on-policy: the update's logprob values for this mini-batch's rows, computed by the
+        engine's own forward (its exact prefill) on the policy's current weights. Before the
+        first optimizer step those weights are the rollout's, so the values must equal the
+        rollout's logprobs bit for bit: a difference stops the run (exit 1) naming the token."""
+        rows = [r for mb in mbs for r in mb]
+        got = self.engine.score([r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows])
+        for r, lp in zip(rows, got, strict=True):
+            r["native_logprobs"] = lp
+            if not first:
+                continue
+            r["native_checked"] = True
+            for j, (a, b) in enumerate(zip(lp, r["rollout_logprobs"], strict=True)):
+                if a != b:
+                    raise QatctlError(
+                        f"--true-on-policy: iteration {self.iteration}, prompt {r['prompt_index']} sample "
+                        f"{r['sample']}, completion token {j} (id {r['output_ids'][j]}): the trainer's logprob "
+                        f"{a!r} differs from the rollout's {b!r} (engine {self.engine.kernel}; the engine's "
+                        "prefill and decode paths disagree here: a bug, please report it)", exit_code=1)
 
     def _mismatch(self, rows) -> dict:
         from qatctl.consistency import mismatch_metrics
@@ -216,13 +253,25 @@ class GRPOLoop:
             self._score_only(self._chunks(rest))
         out = {"update_sequences": len(keep), "optimizer_steps": 0, "grad_norm": None, "ppo_clip_fraction": None,
                "entropy": None, "train_tokens_per_s": None}
+        if self.s.true_on_policy:
+            out["seconds_native_forward"] = 0.0
         if not keep:
             return out
         t = time.perf_counter()
         trainer = self.trainer_for(n_micro)
         clipped = tokens = all_tokens = 0
         entropy, norms = 0.0, []
-        for mbs in plan:
+        native = 0.0
+        true = self.s.true_on_policy
+        for k, mbs in enumerate(plan):
+            if true:
+                t_native = time.perf_counter()
+                for r in (r for mb in mbs for r in mb):
+                    r["train_logprobs"] = r["rollout_logprobs"]  # the old policy's, exactly (checked below)
+                if k:
+                    self.refresh(self.model)  # the engine computes with the weights of this step
+                self._native_forward(mbs, first=k == 0)
+                native += time.perf_counter() - t_native
             n_tokens = sum(len(r["output_ids"]) for mb in mbs for r in mb)
             stats = trainer.step(mbs, lambda m, mb, n_tokens=n_tokens: self._loss(m, mb, n_tokens, fused))
             norms.append(stats["grad_norm"])
@@ -232,6 +281,8 @@ class GRPOLoop:
         clipped, tokens = int(trainer.reduce_sum(clipped)), int(trainer.reduce_sum(tokens))
         entropy, all_tokens = trainer.reduce_sum(entropy), trainer.reduce_sum(all_tokens)
         dt = time.perf_counter() - t
+        if true:
+            out["seconds_native_forward"] = native
         return {**out, "optimizer_steps": len(norms), "grad_norm": sum(norms) / len(norms),
                 "ppo_clip_fraction": clipped / tokens if tokens else 0.0,
                 "entropy": entropy / tokens if tokens else None, "train_tokens_per_s": all_tokens / dt if dt else None}
@@ -250,6 +301,9 @@ class GRPOLoop:
         if fused:
             _store_train_logprobs(mb, logp.detach(), start)
         T = logp.shape[1] + start + 1
+        if s.true_on_policy:  # the engine's values, the trainer's straight-through gradient
+            native = _padded([r["native_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
+            logp = ValuesFrom.apply(logp, native, comp.bool())
         old = _padded([r["train_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
         roll = _padded([r["rollout_logprobs"] for r in mb], mb, T)[:, start:].to(dev)
         w = rl_loss.tis_weights(old, roll, s.tis_cap) * comp
@@ -262,6 +316,19 @@ class GRPOLoop:
             ent = -(logp_all.exp() * logp_all).sum(-1)
         return loss, {"clipped": n_clip, "entropy": float((ent * comp).sum()), "tokens": int(comp.sum()),
                       "all_tokens": sum(len(r["prompt_ids"]) + len(r["output_ids"]) for r in mb)}
+
+
+class ValuesFrom(torch.autograd.Function):
+    """Forward: `values` where `mask` holds (the engine's exact logprobs), `x` elsewhere; backward:
+    the gradient flows to `x` unchanged (the ordinary STE gradient of the trainer's own forward)."""
+
+    @staticmethod
+    def forward(ctx, x, values, mask):
+        return torch.where(mask, values.to(x.dtype), x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 def _checked_reward(fn, row) -> float:

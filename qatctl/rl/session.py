@@ -57,7 +57,8 @@ class Session:
                              world=self.world, iteration=int(prev.get("iteration", 0)),
                              cursor=int(prev.get("cursor", 0)), reference=ref_model,
                              device=self.device,
-                             compute=lambda m: compute_context(m, self.compute_dtype, self.device))
+                             compute=lambda m: compute_context(m, self.compute_dtype, self.device),
+                             refresh=self._refresh)
         self.sync_root = None
 
     @property
@@ -86,21 +87,30 @@ class Session:
             return engine, {"engine": "remote", "url": c.engine_url}
         from qatctl.engines import load_engine
 
+        exact = {"exact": True} if c.true_on_policy else {}
         if c.rollout_precision == "bf16":
             engine = load_engine(policy.path, weights="bf16", device=c.device)
         elif int4 is not None:
-            engine = load_engine(int4.path, device=c.device)
+            engine = load_engine(int4.path, device=c.device, **exact)
         else:  # quantized in memory by the shared converter: the bits convert-int4 would write
             engine = load_engine(policy.path, device=c.device, group_size=self.scheme.group_size,
-                                 tensors=rollout_tensors(self.model, self.scheme, "int4"))
+                                 tensors=rollout_tensors(self.model, self.scheme, "int4"), **exact)
+        if c.true_on_policy and not engine.exact:
+            raise QatctlError(f"--true-on-policy: the engine on {engine.device} has no exact forward "
+                              f"(kernel: {engine.kernel})")
         engine.max_running = c.max_batch
         info = engine.info()
         return engine, {"engine": "embedded", "kernel": info["kernel"], "lm_head_kernel": info["lm_head_kernel"],
-                        "max_batch": info["max_running"]}
+                        "max_batch": info["max_running"], "exact": info["exact"]}
 
     @staticmethod
     def start_iteration_of(policy) -> int:
         return int((policy.manifest.get("rl") or {}).get("iteration", 0))
+
+    def _refresh(self, model) -> None:
+        """--true-on-policy between two optimizer steps of one iteration: the engine takes the policy
+        as it is now (in memory, as a sync), so its forward gives the updated policy's logprobs."""
+        self.engine.update_weights(rollout_tensors(model, self.scheme, self.c.rollout_precision))
 
     def _sync(self, model, iteration: int) -> dict:
         """Push the updated policy to the engine; its parts' seconds: requantize (masters -> BF16
@@ -150,8 +160,9 @@ class Session:
                     if c.save_every and (j + 1) % c.save_every == 0 and not last:
                         state.commit_state(tmp / "state", "iter", j + 1, lambda f, j=j: state.save_state(
                             f, self.model, self.trainer.optimizer, meta=self._meta(j + 1, history)))
-                bar.update(task, advance=1, info=f"reward {metrics['reward_mean']:.3f}  "
-                                                 f"|dlogp| {metrics['train_rollout_logprob_abs_diff_mean'] or 0:.4f}")
+                gap = ("0 exact" if metrics.get("mismatch_exact")
+                       else f"{metrics['train_rollout_logprob_abs_diff_mean'] or 0:.4f}")
+                bar.update(task, advance=1, info=f"reward {metrics['reward_mean']:.3f}  |dlogp| {gap}")
         return self._summary(history)
 
     def _meta(self, done: int, history: list) -> dict:

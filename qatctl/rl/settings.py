@@ -25,6 +25,7 @@ class GRPOSettings:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     micro_batch: int = 8  # sequences per forward/backward
     mini_batches: int = 1  # optimizer steps per iteration (>1: later ones are off-policy, PPO clip acts)
+    true_on_policy: bool = False  # the update's logprobs are the engine's own forward (== the rollout's, bit for bit)
 
 
 PROMPT_ORDERS = ("shuffle", "file")

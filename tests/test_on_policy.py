@@ -1,0 +1,207 @@
+"""True on-policy INT4 (DESIGN §6a): the engine's prefill ≡ its decode step, so a scored token's
+logprob is the sampled one's bits; rl-step --true-on-policy trains with those values (the
+trainer's logprob of every rollout token == the rollout's), skips the scoring pass, and takes
+the same gradient as the default mode; refusals where it cannot hold."""
+
+import os
+
+import pytest
+import torch
+from test_cli import assert_usage_error
+
+from conftest import REPO, make_pair, make_tiny, qatctl
+
+ARITH = REPO / "recipes/data/arith-train.jsonl"
+PRESETS = ["tiny-llama", "tiny-qwen3", "tiny-qwen3-moe"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onpolicy")
+    return {p: make_pair(root / p, p) for p in PRESETS}
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_score_equals_generate_alone_batched_and_cached(pairs, preset, threads):
+    from qatctl.engines import SamplingParams, load_engine
+
+    eng = load_engine(pairs[preset][1], exact=True)
+    assert eng.exact and eng.info()["exact"]
+    g = torch.Generator().manual_seed(threads)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (1, 5, 23, 23, 40, 9)]
+    prompts[3] = prompts[2]  # a repeated prompt: its KV comes from the prefix cache
+    params = [SamplingParams(temperature=1.0, max_new_tokens=6 + 3 * i, seed=50 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    batched = eng.generate(prompts, params)
+    assert eng.prefix_cache.hits >= 1
+    scored = eng.score(prompts, [o.output_ids for o in batched])
+    for p, sp, o, s in zip(prompts, params, batched, scored, strict=True):
+        assert len(o.output_ids) == sp.max_new_tokens
+        assert s == o.logprobs  # prefill ≡ decode: every token's bits
+        eng.flush_cache()
+        alone = eng.generate([p], sp)[0]
+        assert alone.output_ids == o.output_ids and alone.logprobs == o.logprobs
+        cached = eng.generate([p], sp)[0]  # the prompt's KV and logits copied from the cache
+        assert cached.logprobs == o.logprobs
+        echo, _ = eng.prompt_logprobs(p + o.output_ids)
+        assert echo[len(p) - 1:] == o.logprobs  # the server's input_token_logprobs: the same bits
+
+
+def test_without_exact_the_moe_torch_prefill_differs(pairs):
+    """What the stepwise prefill fixes: the MoE model's torch prefill (SDPA over the whole prompt)
+    is not its decode step's arithmetic, so `exact` is False and some score differs."""
+    from qatctl.engines import SamplingParams, load_engine
+
+    eng = load_engine(pairs["tiny-qwen3-moe"][1])
+    assert not eng.exact
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in range(8, 48, 2)]
+    outs = eng.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=16, seed=3, ignore_eos=True))
+    scored = eng.score(prompts, [o.output_ids for o in outs])
+    differ = sum(a != b for s, o in zip(scored, outs, strict=True) for a, b in zip(s, o.logprobs, strict=True))
+    assert differ > 0
+    assert load_engine(pairs["tiny-llama"][1]).exact  # the native engine is exact without asking
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onpolicy-rl")
+    make_tiny("tiny-llama", root / "llama")
+    make_tiny("tiny-qwen3-moe", root / "moe")
+    (root / "rw.py").write_text("def odd_length(completion, answer):\n    return float(len(completion) % 2)\n")
+    return root
+
+
+def session(root, tmp_path, preset="llama", **options):
+    from qatctl import data, models
+    from qatctl.artifacts import read_artifact
+    from qatctl.quant import QuantScheme
+    from qatctl.rl.rewards import load_reward
+    from qatctl.rl.session import Session
+    from stages.rl_step import RlStepConfig
+
+    c = RlStepConfig(policy=root / preset, out=tmp_path / "o", prompts=ARITH, prompts_per_step=4,
+                     samples_per_prompt=4, max_new_tokens=8, lr=1e-3, reward=f"{root / 'rw.py'}:odd_length",
+                     **options)
+    policy = read_artifact(c.policy)
+    tok = models.load_tokenizer(c.policy)
+    return Session(c, policy, None, None, QuantScheme.from_manifest(policy.manifest["quant"]), tok,
+                   data.load_prompts(ARITH, tok, need_answer=False), load_reward(c.reward))
+
+
+@pytest.mark.parametrize("preset, mini_batches", [("llama", 1), ("llama", 2), ("moe", 1)])
+def test_trainer_logprobs_equal_rollout_logprobs_every_iteration(root, tmp_path, preset, mini_batches, monkeypatch):
+    from qatctl.rl import loop as loop_mod
+
+    s = session(root, tmp_path, preset, true_on_policy=True, iterations=3, mini_batches=mini_batches)
+    loop = s.loop
+    monkeypatch.setattr(loop, "_score_only", lambda *a: pytest.fail("a scoring pass ran"))
+    seen = []  # per micro-batch: (its rows, the logprob values the loss computed with, the mask)
+    real_loss, real_apply = loop._loss, loop_mod.ValuesFrom.apply
+
+    def loss(model, mb, n_tokens, fused=False):
+        def apply(x, values, mask):
+            out = real_apply(x, values, mask)
+            seen.append((mb, out.detach().clone(), mask, loop.iteration))
+            return out
+
+        monkeypatch.setattr(loop_mod.ValuesFrom, "apply", apply)
+        try:
+            return real_loss(model, mb, n_tokens, fused)
+        finally:
+            monkeypatch.setattr(loop_mod.ValuesFrom, "apply", real_apply)
+
+    monkeypatch.setattr(loop, "_loss", loss)
+    refreshes = []
+    real_refresh = loop.refresh
+    loop.refresh = lambda m: (refreshes.append(loop.iteration), real_refresh(m))[1]
+    checked = {}
+    for it in range(1, 4):
+        seen.clear()
+        rows, m = loop.iteration_step()
+        assert m["mismatch_exact"] and m["mismatch_tokens_differing"] == 0 and m["tis_mean"] == 1.0
+        assert m["seconds_score"] == 0.0 or m["seconds_score"] < 1e-3
+        assert seen, "no update ran"
+        first = {id(r) for r in rows if r.get("native_checked")}
+        for mb, out, mask, _ in seen:
+            for i, r in enumerate(mb):
+                got = out[i][mask[i]]  # this row's completion positions, in order
+                if id(r) in first:  # before any optimizer step: the rollout's bits exactly
+                    assert torch.equal(got, torch.tensor(r["rollout_logprobs"], dtype=got.dtype)), (it, i)
+                    checked[it] = checked.get(it, 0) + 1
+                else:  # a later mini-batch: the updated policy's, through the refreshed engine
+                    assert torch.equal(got, torch.tensor(r["native_logprobs"], dtype=got.dtype))
+    assert set(checked) == {1, 2, 3}
+    assert len(refreshes) == (3 if mini_batches == 2 else 0)
+
+
+def test_true_on_policy_gradient_equals_the_default_modes(root, tmp_path):
+    """Same start, seed and rollouts: with TIS off, one iteration of each mode updates the masters
+    to the same bits (the loss, ratio 1 and the STE backward are the same; only the forward
+    values differ by the default mode's mismatch, which a ratio of exactly 1 does not see)."""
+    after = {}
+    for mode in (False, True):
+        s = session(root, tmp_path / str(mode), true_on_policy=mode, tis_cap=0.0, iterations=1)
+        rows, m = s.loop.iteration_step()
+        assert m["update_sequences"] > 0
+        after[mode] = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+    before = session(root, tmp_path / "start").model.state_dict()
+    moved = [k for k in after[True] if not torch.equal(after[True][k], before[k])]
+    assert moved, "nothing trained"
+    for k in after[True]:
+        torch.testing.assert_close(after[True][k], after[False][k], rtol=0, atol=1e-6)
+
+
+def test_a_difference_stops_the_run_naming_the_token(root, tmp_path):
+    from qatctl.errors import QatctlError
+
+    s = session(root, tmp_path, true_on_policy=True, iterations=1)
+    real = s.engine.score
+
+    def off_by_one_ulp(prompts, completions):
+        got = real(prompts, completions)
+        got[0][2] = float(torch.nextafter(torch.tensor(got[0][2]), torch.tensor(0.0)))
+        return got
+
+    s.engine.score = off_by_one_ulp
+    with pytest.raises(QatctlError) as e:
+        s.loop.iteration_step()
+    assert e.value.exit_code == 1 and "completion token 2" in str(e.value) and "iteration 1" in str(e.value)
+
+
+def test_refusals(root, tmp_path):
+    out = tmp_path / "out"
+    base = [root / "llama", "--prompts", ARITH, "--out", out, "--true-on-policy", "--max-new-tokens", "4"]
+    assert_usage_error(qatctl("rl-step", *base, "--no-fake-quant", check=False), "PTQ arm", absent=[out])
+    assert_usage_error(qatctl("rl-step", *base, "--rollout-precision", "bf16", check=False), "dense BF16",
+                       absent=[out])
+    assert_usage_error(qatctl("rl-step", *base, "--engine-url", "http://127.0.0.1:9", "--rollout-model", root / "llama",
+                              check=False), "--engine-url", absent=[out])
+    env = {**os.environ, "QATCTL_NO_NATIVE": "1"}
+    assert_usage_error(qatctl("rl-step", *base, check=False, env=env), "native kernels are unavailable", absent=[out])
+
+
+def test_cli_run_records_exact_zero(root, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    qatctl("rl-step", root / "llama", "--prompts", ARITH, "--out", out, "--true-on-policy", "--iterations", "2",
+           "--prompts-per-step", "2", "--samples-per-prompt", "4", "--max-new-tokens", "6",
+           "--reward", f"{root / 'rw.py'}:odd_length")
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["mismatch_exact"] for m in lines] == [True, True]
+    manifest = json.loads((out / "qatctl.json").read_text())
+    assert manifest["config"]["true_on_policy"] is True
+    assert manifest["metrics"]["rollout_engine"]["exact"] is True
