@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 VIEWS = ("fake-int4", "bf16")
 
 
+EXACT = "exact fake-int4 (true on-policy)"  # the train side of --true-on-policy: the engine's own forward
+
 def vocab_size(ckpt: Path) -> int:
     from qatctl.state import read_json
 
@@ -85,6 +87,21 @@ def train_side(train_ckpt: Path, scheme, views, rollouts):
     return res
 
 
+def exact_train_side(train_ckpt: Path, scheme, rollouts):
+    """(logprobs, argmax) of the rollouts' tokens as rl-step --true-on-policy's trainer computes
+    them: the engine's exact forward on the training model's fake-int4 weights (the shared
+    quantizer's integers and scales, in memory), not transformers' modules."""
+    from qatctl import models
+    from qatctl.engines import load_engine
+    from qatctl.int4format import int4_tensors
+
+    model, _ = models.load_checkpoint(train_ckpt)
+    tensors = int4_tensors(models.disk_state_dict(model), scheme)
+    del model
+    engine = load_engine(train_ckpt, tensors=tensors, group_size=scheme.group_size, exact=True)
+    return engine.score_argmax([r["prompt_ids"] for r in rollouts], [r["output_ids"] for r in rollouts])
+
+
 def infer_side(engine: Engine, rollouts):
     """(rollout logprobs, engine argmax per position) for the rollouts."""
     P, C = [r["prompt_ids"] for r in rollouts], [r["output_ids"] for r in rollouts]
@@ -110,14 +127,23 @@ def single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
     from qatctl.engines import connect, load_engine
 
     rollout_kind = "int4" if infer.kind == "int4-checkpoint" else "bf16"
+    if config.true_on_policy and (rollout_kind != "int4" or view != "fake-int4"):
+        raise QatctlError("--true-on-policy compares the trainer's exact INT4 forward with INT4 rollouts: INFER_CKPT "
+                          "must be an int4-checkpoint and the train view fake-int4")
     if config.engine_url:  # the server serves what this report describes
         engine = connect(config.engine_url, model_path=infer.path, api_key=config.api_key)
     else:
-        engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32")
+        engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32",
+                             **({"exact": True} if config.true_on_policy else {}))
     rollouts = rollouts_in if rollouts_in is not None else generate(engine, jobs([p.prompt_ids for p in prompts],
                                                                                   config), config)
-    cell = f"train {view} / rollout {rollout_kind}"
-    metrics = cell_metrics(train_side(train.path, scheme, [view], rollouts)[view], infer_side(engine, rollouts))
+    if config.true_on_policy:
+        cell = f"train {EXACT} / rollout int4"
+        trained = exact_train_side(train.path, scheme, rollouts)
+    else:
+        cell = f"train {view} / rollout {rollout_kind}"
+        trained = train_side(train.path, scheme, [view], rollouts)[view]
+    metrics = cell_metrics(trained, infer_side(engine, rollouts))
     wc = weight_check(train.path, infer.path, view, scheme)
     return {"main_arm": cell, "arms": {cell: metrics}, "weight_check": wc, "kernel": engine.kernel,
             "train_view": view, "rollout": rollout_kind, "rollouts": len(rollouts)}
@@ -138,7 +164,8 @@ def grid(config, train, prompts, scheme) -> dict:
     write_int4_checkpoint(int4_tensors(models.disk_state_dict(model), scheme), train.path, work / "int4", scheme,
                           note={"ablation_of": str(train.path)}, stage="eval-consistency")
     del model
-    engines = {"int4": load_engine(work / "int4"), "bf16": load_engine(train.path, weights="fp32")}
+    exact = {"exact": True} if config.true_on_policy else {}
+    engines = {"int4": load_engine(work / "int4", **exact), "bf16": load_engine(train.path, weights="fp32")}
     todo = jobs([p.prompt_ids for p in prompts], config)
     rollouts_by = {rollout: generate(engine, todo, config) for rollout, engine in engines.items()}
     infer_by = {rollout: infer_side(engines[rollout], rows) for rollout, rows in rollouts_by.items()}
@@ -152,6 +179,9 @@ def grid(config, train, prompts, scheme) -> dict:
             start += len(rows)
             name = f"train {v} / rollout {rollout}"
             by_cell[name], cells[name] = cell_metrics(part, infer_by[rollout]), [v, rollout]
+    if config.true_on_policy:  # the matched arm of the true on-policy mode, beside the grid
+        by_cell[f"train {EXACT} / rollout int4"] = cell_metrics(exact_train_side(train.path, scheme, rollouts_by["int4"]),
+                                                              infer_by["int4"])
     # The engine's own floor: the same INT4 rollouts regenerated one request at a time.
     batched = rollouts_by["int4"]
     alone = []

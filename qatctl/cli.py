@@ -349,6 +349,7 @@ def eval_consistency(
     temperature: Annotated[float, typer.Option(help="Inference-side sampling temperature.")] = E.temperature,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = E.seed,
     max_abs_diff: Annotated[Optional[float], typer.Option(help="Exit 1 when the mean |dlogp| exceeds this.")] = E.max_abs_diff,
+    true_on_policy: Annotated[bool, typer.Option("--true-on-policy", help="Score the train side with the engine's exact forward on the fake-int4 weights (as rl-step --true-on-policy trains); with --ablation an extra matched cell.")] = E.true_on_policy,
     force: Force = False,
     json_: Json = False,
 ):

@@ -48,6 +48,7 @@ class EvalConsistencyConfig:
     temperature: float = 1.0  # sampling temperature of the inference side
     seed: int = 0  # completion k of prompt i uses seed * 1_000_003 + i * samples + k
     max_abs_diff: float | None = None  # gate: exit 1 when the main arm's mean |Δlogp| exceeds it
+    true_on_policy: bool = False  # the train side is the engine's exact forward on the fake-int4 weights (rl-step's mode)
     force: bool = False
 
     def recorded(self) -> dict:
@@ -73,6 +74,15 @@ def _validate(c: EvalConsistencyConfig) -> None:
     finite("--temperature", c.temperature, lo=0.0, hi=1e4)
     if c.max_abs_diff is not None:
         finite("--max-abs-diff", c.max_abs_diff, lo=0.0)
+    if c.true_on_policy:
+        if c.engine_url:
+            raise QatctlError("--true-on-policy with --engine-url: a server computes with its own kernels, so its "
+                              "rollouts cannot be matched bit for bit; drop --engine-url")
+        from qatctl.engines import kernels
+
+        if not kernels.available():
+            raise QatctlError("--true-on-policy: the native kernels are unavailable here (no C compiler, a failed "
+                              "build, or QATCTL_NO_NATIVE=1); without them no forward is exact")
     if c.rollouts is not None and not Path(c.rollouts).is_file():
         raise QatctlError(f"{c.rollouts}: no such rollouts file")
 
@@ -139,7 +149,7 @@ def _plots(tmp: Path, report: dict) -> list[str]:
 
     diffs = {k: v.pop("abs_diffs") for k, v in report["arms"].items()}
     positions = {k: v.pop("per_position") for k, v in report["arms"].items()}
-    grid = ({tuple(report["cells"][k]): v["mean_abs_diff"] for k, v in report["arms"].items()}
+    grid = ({tuple(report["cells"][k]): v["mean_abs_diff"] for k, v in report["arms"].items() if k in report["cells"]}
             if "cells" in report else None)
     return plots(tmp, diffs, positions, grid)
 

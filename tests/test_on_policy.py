@@ -205,3 +205,27 @@ def test_cli_run_records_exact_zero(root, tmp_path):
     manifest = json.loads((out / "qatctl.json").read_text())
     assert manifest["config"]["true_on_policy"] is True
     assert manifest["metrics"]["rollout_engine"]["exact"] is True
+
+
+def test_eval_consistency_true_on_policy_is_exactly_zero(pairs, tmp_path):
+    import json
+
+    qat, int4 = pairs["tiny-llama"]
+    out = tmp_path / "rep"
+    qatctl("eval-consistency", qat, int4, "--prompts", ARITH, "--out", out, "--limit", "4", "--samples-per-prompt", "2",
+           "--max-new-tokens", "12", "--true-on-policy")
+    m = json.loads((out / "qatctl.json").read_text())["metrics"]
+    assert m["main_arm"].startswith("train exact") and m["tokens"] > 20
+    assert m["max_abs_diff"] == 0.0 and m["greedy_agreement"] == 1.0
+    grid = tmp_path / "grid"
+    qatctl("eval-consistency", qat, "--ablation", "--prompts", ARITH, "--out", grid, "--limit", "4",
+           "--max-new-tokens", "12", "--true-on-policy")
+    g = json.loads((grid / "qatctl.json").read_text())["metrics"]["grid_mean_abs_diff"]
+    exact = next(v for k, v in g.items() if k.startswith("train exact"))
+    assert exact == 0.0 and g["train fake-int4 / rollout int4"] > 0  # the default train side is not exact
+    env = {**os.environ, "QATCTL_NO_NATIVE": "1"}
+    bad = tmp_path / "bad"
+    assert_usage_error(qatctl("eval-consistency", qat, int4, "--prompts", ARITH, "--out", bad, "--true-on-policy",
+                              check=False, env=env), "native kernels are unavailable", absent=[bad])
+    assert_usage_error(qatctl("eval-consistency", qat, qat, "--prompts", ARITH, "--out", bad, "--true-on-policy",
+                              check=False), "must be an int4-checkpoint", absent=[bad])
