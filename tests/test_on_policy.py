@@ -229,3 +229,26 @@ def test_eval_consistency_true_on_policy_is_exactly_zero(pairs, tmp_path):
                               check=False, env=env), "native kernels are unavailable", absent=[bad])
     assert_usage_error(qatctl("eval-consistency", qat, qat, "--prompts", ARITH, "--out", bad, "--true-on-policy",
                               check=False), "must be an int4-checkpoint", absent=[bad])
+
+
+@pytest.mark.slow
+def test_smollm2_true_on_policy(smollm2_pair, tmp_path):
+    """The real model: score == generate bit for bit on chat prompts, and two rl-step iterations in
+    the mode (a run that saw one differing token would exit 1) record exactly 0."""
+    import json
+
+    from qatctl import data, models
+    from qatctl.engines import SamplingParams, load_engine
+
+    qat, int4 = smollm2_pair
+    eng = load_engine(int4, exact=True)
+    prompts = [p.prompt_ids for p in data.load_prompts(ARITH, models.load_tokenizer(qat), need_answer=False)[:6]]
+    outs = eng.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=24, seed=7))
+    assert eng.score(prompts, [o.output_ids for o in outs]) == [o.logprobs for o in outs]
+    out = tmp_path / "rl"
+    (tmp_path / "rw.py").write_text("def odd(completion, answer):\n    return float(len(completion) % 2)\n")
+    qatctl("rl-step", qat, "--rollout-model", int4, "--prompts", ARITH, "--out", out, "--true-on-policy",
+           "--iterations", "2", "--prompts-per-step", "2", "--samples-per-prompt", "4", "--max-new-tokens", "8",
+           "--reward", f"{tmp_path / 'rw.py'}:odd", "--lr", "1e-5")
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["mismatch_exact"] and m["seconds_score"] == 0.0 and m["mismatch_checked_tokens"] > 0 for m in lines)
