@@ -40,6 +40,8 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/rl.py
+	$(BIN)/python bench/rl.py --true-on-policy
+	$(BIN)/python bench/engine.py --prefill
 	$(BIN)/python bench/kernel_mismatch.py
 
 # docs/results.md's runs (recipes/loop.mk): four arms from two SFT starts per seed, 20 iterations,
