@@ -252,3 +252,26 @@ def test_smollm2_true_on_policy(smollm2_pair, tmp_path):
            "--reward", f"{tmp_path / 'rw.py'}:odd", "--lr", "1e-5")
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(m["mismatch_exact"] and m["seconds_score"] == 0.0 and m["mismatch_checked_tokens"] > 0 for m in lines)
+
+
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "portable"])
+def test_prefill_equals_decode_on_each_build(pairs, flags, monkeypatch):
+    """What an AVX2-only or a pre-AVX2 CPU compiles (forced by compiler flags, then made the
+    engine's library): prefill ≡ decode holds on that build with itself, and its bits are this
+    CPU's build's (the three builds compute the same chains)."""
+    from qatctl.engines import SamplingParams, kernels, load_engine
+
+    int4 = pairs["tiny-qwen3"][1]
+    prompts = [list(range(9, 9 + n)) for n in (4, 19, 33)]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5, ignore_eos=True)
+    here = load_engine(int4).generate(prompts, sp)
+    lib = kernels.library(flags)
+    if lib is None:
+        pytest.skip(f"cannot build with {flags} here")
+    monkeypatch.setitem(kernels._libs, (), lib)
+    eng = load_engine(int4)
+    assert eng.exact and kernels.isa() in eng.kernel
+    outs = eng.generate(prompts, sp)
+    assert eng.score(prompts, [o.output_ids for o in outs]) == [o.logprobs for o in outs]
+    assert [o.logprobs for o in outs] == [o.logprobs for o in here]
