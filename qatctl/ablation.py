@@ -134,7 +134,7 @@ def single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
         engine = connect(config.engine_url, model_path=infer.path, api_key=config.api_key)
     else:
         engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32",
-                             **({"exact": True} if config.true_on_policy else {}))
+                             exact=config.true_on_policy)
     rollouts = rollouts_in if rollouts_in is not None else generate(engine, jobs([p.prompt_ids for p in prompts],
                                                                                   config), config)
     if config.true_on_policy:
@@ -164,8 +164,8 @@ def grid(config, train, prompts, scheme) -> dict:
     write_int4_checkpoint(int4_tensors(models.disk_state_dict(model), scheme), train.path, work / "int4", scheme,
                           note={"ablation_of": str(train.path)}, stage="eval-consistency")
     del model
-    exact = {"exact": True} if config.true_on_policy else {}
-    engines = {"int4": load_engine(work / "int4", **exact), "bf16": load_engine(train.path, weights="fp32")}
+    engines = {"int4": load_engine(work / "int4", exact=config.true_on_policy),
+               "bf16": load_engine(train.path, weights="fp32")}
     todo = jobs([p.prompt_ids for p in prompts], config)
     rollouts_by = {rollout: generate(engine, todo, config) for rollout, engine in engines.items()}
     infer_by = {rollout: infer_side(engines[rollout], rows) for rollout, rows in rollouts_by.items()}

@@ -80,9 +80,7 @@ def _validate(c: EvalConsistencyConfig) -> None:
                               "rollouts cannot be matched bit for bit; drop --engine-url")
         from qatctl.engines import kernels
 
-        if not kernels.available():
-            raise QatctlError("--true-on-policy: the native kernels are unavailable here (no C compiler, a failed "
-                              "build, or QATCTL_NO_NATIVE=1); without them no forward is exact")
+        kernels.require("--true-on-policy")
     if c.rollouts is not None and not Path(c.rollouts).is_file():
         raise QatctlError(f"{c.rollouts}: no such rollouts file")
 

@@ -134,9 +134,7 @@ def _validate_true_on_policy(c: RlStepConfig) -> None:
                           "(a CUDA one would need batch-invariant W4A16 GEMM and attention kernels)")
     from qatctl.engines import kernels
 
-    if not kernels.available():
-        raise QatctlError("--true-on-policy: the native kernels are unavailable here (no C compiler, a failed build, "
-                          "or QATCTL_NO_NATIVE=1); without them no forward is exact, and the mode never approximates")
+    kernels.require("--true-on-policy")
 
 
 def _check_rollout_model(policy, int4, allow_stale: bool) -> bool:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from qatctl.engines import Completion, SamplingParams
-from qatctl.engines.batch import token_logprob
+from qatctl.engines.batch import token_logprob, token_logprobs
 from qatctl.engines.linears import DenseLinear, Int4Linear, RowInvariantLinear
 from qatctl.errors import QatctlError
 from qatctl.quant import dequant
@@ -317,17 +317,16 @@ class EmbeddedEngine:
     def _prefill(self, ids: list[int], cache, row: int, start: int) -> torch.Tensor:
         """Run ids (positions 0..T-1) into cache row `row`; the next-token logits [T - start, V] of
         positions start..T-1. Exact engines run the decode step's own native forward over the
-        prompt's tokens (PREFILL_CHUNK per call; positions before `start` skip the lm_head);
-        the others the torch forward (SDPA, its own reduction orders)."""
+        prompt's tokens (PREFILL_CHUNK per call; positions before `start` skip the lm_head), or
+        (stepwise) its torch decode step position by position; the others the torch forward
+        (SDPA, its own reduction orders)."""
         T = len(ids)
         if not self.native_exact:
-            if self.stepwise:  # the decode step's torch forward, one position at a time (as _decode runs it)
-                out = []
-                for p in range(T):
-                    h = self._forward(torch.tensor([[ids[p]]], device=self.device),
-                                      torch.tensor([[p]], device=self.device), cache, [row], [p])[:, -1]
-                    if p >= start:
-                        out.append(self._logits(h))
+            if self.stepwise:  # the decode step itself, one position at a time (the lm_head only from `start`)
+                for p in range(start):
+                    self._forward(torch.tensor([[ids[p]]], device=self.device), torch.tensor([[p]], device=self.device),
+                                  cache, [row], [p])
+                out = [self._decode([ids[p]], cache, None, [row], [p]) for p in range(start, T)]
                 return torch.cat(out) if out else torch.empty(0, self.vocab_size)
             t = torch.tensor([ids], device=self.device)
             h = self._forward(t, torch.arange(T, device=self.device).unsqueeze(0), cache, [row], [0])[0]
@@ -423,12 +422,12 @@ class EmbeddedEngine:
         if len(ids) < 2:
             return [], []
         logits = self._prefill(ids[:-1], self._new_cache(1, len(ids) - 1), 0, 0).cpu()
-        got = [token_logprob(row, tok) for row, tok in zip(logits, ids[1:], strict=True)]
-        lp = torch.log_softmax(logits, dim=-1)
+        lps = [token_logprobs(row) for row in logits]  # one log-softmax per position, as sampling computes it
+        got = [float(lp[tok]) for lp, tok in zip(lps, ids[1:], strict=True)]
         if not top_n:
             return got, [None] * len(got)
-        v, i = lp.topk(top_n, dim=-1)
-        return got, [list(zip(a, b, strict=True)) for a, b in zip(i.tolist(), v.tolist(), strict=True)]
+        tops = [lp.topk(top_n) for lp in lps]
+        return got, [list(zip(t.indices.tolist(), t.values.tolist(), strict=True)) for t in tops]
 
     def update_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Swap in new weights from memory: {on-disk name: tensor}, exactly what the checkpoint's

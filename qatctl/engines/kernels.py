@@ -110,6 +110,16 @@ def available() -> bool:
     return _load() is not None
 
 
+def require(flag: str) -> None:
+    """Refuse `flag` (one line, exit 2) where the native kernels are unavailable: the exact forward
+    that modes such as --true-on-policy rest on exists only there, and they never approximate."""
+    if not available():
+        from qatctl.errors import QatctlError
+
+        raise QatctlError(f"{flag}: the native kernels are unavailable here (no C compiler, a failed build, or "
+                          "QATCTL_NO_NATIVE=1); without them no forward is exact, and the mode never approximates")
+
+
 def pack_bf16(w: torch.Tensor) -> torch.Tensor:
     """BF16 [N, K] -> [ceil(N/16), K, 16]: 16 output columns side by side (zero-padded)."""
     N, K = w.shape

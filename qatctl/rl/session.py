@@ -87,14 +87,13 @@ class Session:
             return engine, {"engine": "remote", "url": c.engine_url}
         from qatctl.engines import load_engine
 
-        exact = {"exact": True} if c.true_on_policy else {}
         if c.rollout_precision == "bf16":
             engine = load_engine(policy.path, weights="bf16", device=c.device)
         elif int4 is not None:
-            engine = load_engine(int4.path, device=c.device, **exact)
+            engine = load_engine(int4.path, device=c.device, exact=c.true_on_policy)
         else:  # quantized in memory by the shared converter: the bits convert-int4 would write
             engine = load_engine(policy.path, device=c.device, group_size=self.scheme.group_size,
-                                 tensors=rollout_tensors(self.model, self.scheme, "int4"), **exact)
+                                 tensors=rollout_tensors(self.model, self.scheme, "int4"), exact=c.true_on_policy)
         if c.true_on_policy and not engine.exact:
             raise QatctlError(f"--true-on-policy: the engine on {engine.device} has no exact forward "
                               f"(kernel: {engine.kernel})")
