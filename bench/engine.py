@@ -247,6 +247,8 @@ def main() -> None:
     engines = variants(int4)
     shipped = engines["int4, + fused native decode step (shipped)"]
     engines.update({f"dense {w}": EmbeddedEngine.load(int4, weights=w) for w in ("fp32", "bf16")})
+    if kernels.available():  # the exact BF16 path (true on-policy's bf16 arm): the W4A16 code on BF16 weights
+        engines["dense bf16, native W16A16 (exact)"] = EmbeddedEngine.load(int4, weights="bf16", exact=True)
     batches = (1, 8, 32, 64)
     rows = {}
     for name, eng in engines.items():

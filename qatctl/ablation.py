@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 VIEWS = ("fake-int4", "bf16")
 
 
-EXACT = "exact fake-int4 (true on-policy)"  # the train side of --true-on-policy: the engine's own forward
+# The train sides of --true-on-policy (the engine's own exact forward on the training weights), by rollout kind
+EXACT = "exact fake-int4 (true on-policy)"
+EXACT_BF16 = "exact bf16 (true on-policy)"
 
 def vocab_size(ckpt: Path) -> int:
     from qatctl.state import read_json
@@ -87,18 +89,22 @@ def train_side(train_ckpt: Path, scheme, views, rollouts):
     return res
 
 
-def exact_train_side(train_ckpt: Path, scheme, rollouts):
+def exact_train_side(train_ckpt: Path, scheme, rollouts, precision: str = "int4"):
     """(logprobs, argmax) of the rollouts' tokens as rl-step --true-on-policy's trainer computes
-    them: the engine's exact forward on the training model's fake-int4 weights (the shared
-    quantizer's integers and scales, in memory), not transformers' modules."""
+    them: the engine's exact forward on the training model's weights handed over in memory, as
+    rl-step's sync does (int4: the shared quantizer's integers and scales of the fake-int4 view;
+    bf16: the BF16 weights, on the W16A16 path), not transformers' modules."""
     from qatctl import models
     from qatctl.engines import load_engine
     from qatctl.int4format import int4_tensors
 
     model, _ = models.load_checkpoint(train_ckpt)
-    tensors = int4_tensors(models.disk_state_dict(model), scheme)
+    state = models.disk_state_dict(model)
     del model
-    engine = load_engine(train_ckpt, tensors=tensors, group_size=scheme.group_size, exact=True)
+    if precision == "int4":
+        engine = load_engine(train_ckpt, tensors=int4_tensors(state, scheme), group_size=scheme.group_size, exact=True)
+    else:
+        engine = load_engine(train_ckpt, weights="bf16", tensors=state, exact=True)
     return engine.score_argmax([r["prompt_ids"] for r in rollouts], [r["output_ids"] for r in rollouts])
 
 
@@ -127,19 +133,21 @@ def single(config, train, infer, view, prompts, rollouts_in, scheme) -> dict:
     from qatctl.engines import connect, load_engine
 
     rollout_kind = "int4" if infer.kind == "int4-checkpoint" else "bf16"
-    if config.true_on_policy and (rollout_kind != "int4" or view != "fake-int4"):
-        raise QatctlError("--true-on-policy compares the trainer's exact INT4 forward with INT4 rollouts: INFER_CKPT "
-                          "must be an int4-checkpoint and the train view fake-int4")
+    if config.true_on_policy and (rollout_kind, view) not in (("int4", "fake-int4"), ("bf16", "bf16")):
+        raise QatctlError("--true-on-policy matches the trainer's exact forward with rollouts of the same kind: INFER_CKPT "
+                          "must be an int4-checkpoint with the fake-int4 train view, or a BF16 checkpoint with the bf16 "
+                          f"view (here: {infer.kind}, view {view})")
     if config.engine_url:  # the server serves what this report describes
         engine = connect(config.engine_url, model_path=infer.path, api_key=config.api_key)
+    elif config.true_on_policy:  # BF16 rollouts on the engine's BF16 path (W16A16), whose forward the trainer runs
+        engine = load_engine(infer.path, weights=rollout_kind, exact=True)
     else:
-        engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32",
-                             exact=config.true_on_policy)
+        engine = load_engine(infer.path, weights="int4" if rollout_kind == "int4" else "fp32")
     rollouts = rollouts_in if rollouts_in is not None else generate(engine, jobs([p.prompt_ids for p in prompts],
                                                                                   config), config)
     if config.true_on_policy:
-        cell = f"train {EXACT} / rollout int4"
-        trained = exact_train_side(train.path, scheme, rollouts)
+        cell = f"train {EXACT} / rollout int4" if rollout_kind == "int4" else f"train {EXACT_BF16} / rollout bf16 (W16A16)"
+        trained = exact_train_side(train.path, scheme, rollouts, rollout_kind)
     else:
         cell = f"train {view} / rollout {rollout_kind}"
         trained = train_side(train.path, scheme, [view], rollouts)[view]
@@ -179,9 +187,13 @@ def grid(config, train, prompts, scheme) -> dict:
             start += len(rows)
             name = f"train {v} / rollout {rollout}"
             by_cell[name], cells[name] = cell_metrics(part, infer_by[rollout]), [v, rollout]
-    if config.true_on_policy:  # the matched arm of the true on-policy mode, beside the grid
+    if config.true_on_policy:  # the true on-policy mode's matched cells beside the grid, one per RL arm
         by_cell[f"train {EXACT} / rollout int4"] = cell_metrics(exact_train_side(train.path, scheme, rollouts_by["int4"]),
                                                               infer_by["int4"])
+        w16 = load_engine(train.path, weights="bf16", exact=True)  # the bf16 arm's rollout engine (W16A16)
+        rows = generate(w16, todo, config)
+        by_cell[f"train {EXACT_BF16} / rollout bf16 (W16A16)"] = cell_metrics(
+            exact_train_side(train.path, scheme, rows, "bf16"), infer_side(w16, rows))
     # The engine's own floor: the same INT4 rollouts regenerated one request at a time.
     batched = rollouts_by["int4"]
     alone = []

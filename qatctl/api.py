@@ -28,6 +28,11 @@ class Overloaded(Exception):
     """A 503: the server's request queue is full."""
 
 
+def error_body(message: str, param: str | None, code: int, kind: str = "invalid_request_error") -> dict:
+    """OpenAI's error object (SGLang and vLLM use it on every route)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def _off(value, *neutral):
     return value is None or value in neutral or value == {}
 

@@ -280,7 +280,7 @@ def rl_step(
     micro_batch: Annotated[int, typer.Option(help="Sequences per forward/backward.")] = R.micro_batch,
     mini_batches: Annotated[int, typer.Option(help="Optimizer steps per iteration.")] = R.mini_batches,
     no_fake_quant: Annotated[bool, typer.Option("--no-fake-quant", help="Train the BF16 masters (with int4 rollouts: the PTQ arm).")] = R.no_fake_quant,
-    true_on_policy: Annotated[bool, typer.Option("--true-on-policy", help="The update's logprobs come from the engine's own native forward on the policy's weights: equal to the rollout's bit for bit (checked; exit 1 if not), no scoring pass, TIS weights exactly 1. int4-qat arm, embedded native engine.")] = R.true_on_policy,
+    true_on_policy: Annotated[bool, typer.Option("--true-on-policy", help="The update's logprobs come from the engine's own native forward on the policy's weights: equal to the rollout's bit for bit (checked; exit 1 if not), no scoring pass, TIS weights exactly 1. int4-qat and bf16 arms (not int4-ptq), embedded native engine.")] = R.true_on_policy,
     reset_optimizer: Annotated[bool, typer.Option("--reset-optimizer", help="Start AdamW fresh instead of POLICY's trainer_state.")] = R.reset_optimizer,
     save_every: Annotated[int, typer.Option(help="Iterations between resume states in OUT.partial (0: none).")] = R.save_every,
     allow_stale_rollout_model: Annotated[bool, typer.Option("--allow-stale-rollout-model", help="Accept an INT4 model made from another policy.")] = R.allow_stale_rollout_model,
@@ -349,7 +349,7 @@ def eval_consistency(
     temperature: Annotated[float, typer.Option(help="Inference-side sampling temperature.")] = E.temperature,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = E.seed,
     max_abs_diff: Annotated[Optional[float], typer.Option(help="Exit 1 when the mean |dlogp| exceeds this.")] = E.max_abs_diff,
-    true_on_policy: Annotated[bool, typer.Option("--true-on-policy", help="Score the train side with the engine's exact forward on the fake-int4 weights (as rl-step --true-on-policy trains); with --ablation an extra matched cell.")] = E.true_on_policy,
+    true_on_policy: Annotated[bool, typer.Option("--true-on-policy", help="Score the train side with the engine's exact forward on the training weights, as rl-step --true-on-policy trains (fake-int4 view with an int4-checkpoint, bf16 view with a BF16 one on the W16A16 path); with --ablation a matched cell per arm.")] = E.true_on_policy,
     force: Force = False,
     json_: Json = False,
 ):

@@ -14,28 +14,37 @@ from qatctl.data import collate_completions
 from qatctl.errors import QatctlError
 
 
-@torch.no_grad()
-def train_logprobs(model, prompts: list[list[int]], completions: list[list[int]], batch: int = 8):
-    """Per-token logprobs of each completion under an HF model, and its greedy (argmax) tokens.
-
-    Right-padded batches; the model is whatever view the caller prepared (fake-int4 weights
-    materialized, or the plain masters). Returns (logprobs, argmax) lists per sequence.
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
+    """The trainer's logprobs of completion tokens, the one train-side scoring of the project
+    (rl-step's loss and scoring pass, eval-consistency's train side): right-padded rows through the
+    HF model as the caller prepared it (fake-int4 view, plain masters, autocast or not).
+    Returns (logp [B, T'], log_softmax [B, T', V], completion mask [B, T'], start): column j of the
+    T' columns predicts token start + j + 1. Only positions from the earliest completion on get
+    logits (HF's logits_to_keep): the prompt positions' log-softmax is work nobody reads.
     """
+    ids, mask, comp = collate_completions(prompts, completions, pad_id)
+    ids, mask, comp = ids.to(device), mask.to(device), comp.to(device)
+    T = ids.shape[1]
+    start = min(len(p) for p in prompts) - 1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=T - start).logits[:, :-1].float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, ids[:, start + 1:].unsqueeze(-1)).squeeze(-1)
+    return logp, logp_all, comp[:, start:], start
+
+
+@torch.no_grad()
+def train_logprobs(model, prompts: list[list[int]], completions: list[list[int]], batch: int = 8, pad_id: int = 0):
+    """Per-token logprobs of each completion (completion_logprobs, in batches of `batch`) and its
+    greedy (argmax) tokens, as (logprobs, argmax) lists per sequence."""
     lps, tops = [], []
     device = next(model.parameters()).device
     for i in range(0, len(prompts), batch):
         ps, cs = prompts[i:i + batch], completions[i:i + batch]
-        ids, mask, _ = collate_completions(ps, cs)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logp, logp_all, _, start = completion_logprobs(model, ps, cs, pad_id, device)
         for j, (p, c) in enumerate(zip(ps, cs, strict=True)):
-            if not c:
-                lps.append([])
-                tops.append([])
-                continue
-            rows = logp[j, len(p) - 1:len(p) + len(c) - 1]
-            lps.append(rows.gather(-1, torch.tensor(c, device=device).unsqueeze(-1)).squeeze(-1).tolist())
-            tops.append(rows.argmax(-1).tolist())
+            a = len(p) - 1 - start
+            lps.append(logp[j, a:a + len(c)].tolist())
+            tops.append(logp_all[j, a:a + len(c)].argmax(-1).tolist())
     return lps, tops
 
 

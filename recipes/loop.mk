@@ -15,7 +15,9 @@
 #                                 rl.json + metrics.jsonl + machine.txt (J > 0),
 #                                 consistency.json at the last link (eval-consistency's report)
 # Arms: int4-qat (SFT-QAT -> QAT RL, INT4 rollouts), bf16 (SFT-BF16 -> BF16 RL, BF16 rollouts;
-# its INT4 scores are the bf16-then-ptq arm), int4-ptq (SFT-BF16 -> BF16 training, INT4 rollouts).
+# its INT4 scores are the bf16-then-ptq arm), int4-ptq (SFT-BF16 -> BF16 training, INT4 rollouts),
+# and, asked for by name (not in the default ARMS), int4-qat-exact: int4-qat with --true-on-policy,
+# from the same start and seed (its link 0 is int4-qat's, copied).
 #
 # What makes a target stale: its input artifacts' manifests, the data files it reads, and this
 # file's variables for its stage, kept in RUN/.vars/STAGE (rewritten only when they change, when
@@ -55,7 +57,7 @@ CONSISTENCY ?= 1
 
 # ---------------------------------------------------------------- checks, before anything runs
 _num = $(shell echo '$1' | grep -qxE '[0-9]+' && echo ok)
-$(foreach a,$(ARMS),$(if $(filter $a,int4-qat int4-ptq bf16),,$(error ARMS: '$a' is not int4-qat, int4-ptq or bf16)))
+$(foreach a,$(ARMS),$(if $(filter $a,int4-qat int4-ptq bf16 int4-qat-exact),,$(error ARMS: '$a' is not int4-qat, int4-ptq, bf16 or int4-qat-exact)))
 $(foreach v,SEEDS LINKS THREADS SAMPLES GROUP_SIZE,$(foreach n,$($v),$(if $(call _num,$n),,$(error $v: '$n' is not a whole number))))
 $(if $(strip $(LINKS)),,$(error LINKS is empty (ITERATIONS $(ITERATIONS), EVERY $(EVERY))))
 $(if $(filter 0,$(THREADS)),$(error THREADS: must be >= 1))
@@ -77,8 +79,8 @@ Q = OMP_NUM_THREADS=$(THREADS) $(QATCTL)
 .SUFFIXES:
 
 # ---------------------------------------------------------------- paths
-start_of  = $(if $(filter int4-qat,$1),sft-qat,sft-bf16)
-arm_flags = $(if $(filter int4-ptq,$1),--no-fake-quant,$(if $(filter bf16,$1),--rollout-precision bf16))
+start_of  = $(if $(filter int4-qat int4-qat-exact,$1),sft-qat,sft-bf16)
+arm_flags = $(if $(filter int4-ptq,$1),--no-fake-quant,$(if $(filter bf16,$1),--rollout-precision bf16,$(if $(filter int4-qat-exact,$1),--true-on-policy)))
 policy    = $(if $(filter 0,$3),$(RUN)/s$1/$(call start_of,$2),$(RUN)/s$1/$2/policy-$3)
 int4      = $(if $(filter 0,$3),$(RUN)/s$1/$(call start_of,$2)-int4,$(RUN)/s$1/$2/int4-$3)
 model_of  = $(if $(filter int4,$4),$(call int4,$1,$2,$3),$(call policy,$1,$2,$3))
@@ -125,13 +127,15 @@ $(call report,$1,$2,$3)/accuracy-$4-$5.json: $(call model_of,$1,$2,$3,$5)/qatctl
 ALL += $(call report,$1,$2,$3)/accuracy-$4-$5.json
 endef
 
-define acc_copy  # seed split kind: int4-ptq starts where bf16 does; its link 0 is bf16's, scored once
-$(call report,$1,int4-ptq,0)/accuracy-$2-$3.json: $(call report,$1,bf16,0)/accuracy-$2-$3.json
+define acc_copy  # seed split kind arm from: an arm that starts where another does has its link 0, scored once
+$(call report,$1,$4,0)/accuracy-$2-$3.json: $(call report,$1,$5,0)/accuracy-$2-$3.json
 	@mkdir -p $$(@D)
 	cp $$< $$@
-ALL += $(call report,$1,int4-ptq,0)/accuracy-$2-$3.json
+ALL += $(call report,$1,$4,0)/accuracy-$2-$3.json
 endef
-acc_of = $(if $(and $(filter int4-ptq,$2),$(filter 0,$3),$(filter bf16,$(ARMS))),$(call acc_copy,$1,$4,$5),$(call acc_rule,$1,$2,$3,$4,$5))
+# int4-ptq's link 0 is bf16's; int4-qat-exact's is int4-qat's (built with it, or already in REPORTS)
+copy_from = $(if $(filter 0,$3),$(if $(and $(filter int4-ptq,$2),$(filter bf16,$(ARMS))),bf16,$(if $(and $(filter int4-qat-exact,$2),$(or $(filter int4-qat,$(ARMS)),$(wildcard $(call report,$1,int4-qat,0)/accuracy-$4-$5.json))),int4-qat)))
+acc_of = $(if $(call copy_from,$1,$2,$3,$4,$5),$(call acc_copy,$1,$4,$5,$2,$(call copy_from,$1,$2,$3,$4,$5)),$(call acc_rule,$1,$2,$3,$4,$5))
 
 define consistency_rule  # seed arm j
 $(call policy,$1,$2,$3)-consistency/qatctl.json: $(call policy,$1,$2,$3)/qatctl.json $(if $(filter bf16,$2),,$(call int4,$1,$2,$3)/qatctl.json) $(call split_file,val) $(VARS)/consistency

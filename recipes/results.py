@@ -9,7 +9,9 @@ accuracy-{val,test,test-oot}-{int4,dense}.json with per-problem rewards) and wri
   accuracy per arm and link (mean over seeds, min-max), paired comparisons (qatctl.stats: bootstrap
   95% CI and McNemar over (seed, problem) pairs), reward and mismatch per arm;
 - docs/exp-reward.png (reward per iteration: per-seed lines faint, the seeds' mean of a 5-iteration
-  moving average bold, its min-max band) and docs/exp-accuracy.png (test accuracy per link, 95% CI).
+  moving average bold, its min-max band), docs/exp-accuracy.png (test accuracy per link, 95% CI) and,
+  where a seed has the int4-qat-exact arm (--true-on-policy), docs/exp-on-policy.png (its reward and
+  mismatch per iteration beside int4-qat's from the same start and seed).
 Nothing here is typed by hand: every number comes from the records.
 """
 
@@ -26,13 +28,14 @@ sys.path.insert(0, str(REPO))
 from bench._report import replace_section  # noqa: E402
 from qatctl.stats import paired_compare  # noqa: E402
 
-ARMS = ("int4-qat", "int4-ptq", "bf16")
+ARMS = ("int4-qat", "int4-ptq", "bf16", "int4-qat-exact")  # the last: int4-qat with --true-on-policy
 SPLITS = ("val", "test", "test-oot")
 KINDS = ("int4", "dense")
 # The deployable (INT4) view of each arm, and what the bf16 arm's INT4 conversion is called.
 LABEL = {("int4-qat", "int4"): "int4-qat", ("int4-ptq", "int4"): "int4-ptq", ("bf16", "dense"): "bf16 (dense)",
          ("bf16", "int4"): "bf16-then-ptq", ("int4-qat", "dense"): "int4-qat (dense)",
-         ("int4-ptq", "dense"): "int4-ptq (dense)"}
+         ("int4-ptq", "dense"): "int4-ptq (dense)", ("int4-qat-exact", "int4"): "int4-qat-exact",
+         ("int4-qat-exact", "dense"): "int4-qat-exact (dense)"}
 
 
 def load(root: Path) -> dict:
@@ -108,7 +111,10 @@ def comparison_table(runs: dict) -> list[str]:
             rows.append(("int4-qat vs bf16-then-ptq (both INT4)", split, j, ("bf16", j, "int4"), ("int4-qat", j, "int4")))
             rows.append(("int4-qat vs int4-ptq (both INT4)", split, j, ("int4-ptq", j, "int4"), ("int4-qat", j, "int4")))
             rows.append(("int4-qat (INT4) vs bf16 (dense)", split, j, ("bf16", j, "dense"), ("int4-qat", j, "int4")))
-    for arm, kind in (("int4-qat", "int4"), ("bf16", "dense"), ("bf16", "int4"), ("int4-ptq", "int4")):
+            rows.append(("int4-qat-exact vs int4-qat (both INT4; true on-policy vs default)", split, j,
+                         ("int4-qat", j, "int4"), ("int4-qat-exact", j, "int4")))
+    for arm, kind in (("int4-qat", "int4"), ("bf16", "dense"), ("bf16", "int4"), ("int4-ptq", "int4"),
+                      ("int4-qat-exact", "int4")):
         links = sorted({x for s in runs.values() for x in s.get(arm, {})})
         if len(links) > 1:
             rows.append((f"{LABEL[(arm, kind)]}: link {links[-1]} vs its start", "test", links[-1],
@@ -186,9 +192,9 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
         plt.close(fig)
         return path
 
-    colors = {"int4-qat": "tab:blue", "int4-ptq": "tab:orange", "bf16": "tab:green"}
+    colors = {"int4-qat": "tab:blue", "int4-ptq": "tab:orange", "bf16": "tab:green", "int4-qat-exact": "tab:purple"}
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for arm in ARMS:
+    for arm in ARMS[:3]:  # the three arms of every seed (int4-qat-exact: its own figure below)
         series = arm_series(runs, arm)
         if not series:
             continue
@@ -225,7 +231,26 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
         if xs:
             ax.errorbar(xs, ys, yerr=es, fmt=style, color=colors[arm], capsize=3, label=LABEL[(arm, kind)])
     ax.set(xlabel="RL iterations", ylabel="test accuracy, % (95% CI)", title="held-out test accuracy per link")
-    return [reward_png, finish(fig, ax, png_dir / "exp-accuracy.png")]
+    out = [reward_png, finish(fig, ax, png_dir / "exp-accuracy.png")]
+    seeds = [sd for sd in sorted(runs) if "int4-qat-exact" in runs[sd] and "int4-qat" in runs[sd]]
+    if seeds:  # true on-policy vs default from the same start and seed: reward and mismatch per iteration
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+        for arm in ("int4-qat", "int4-qat-exact"):
+            for sd in seeds:
+                x = iterations(runs, sd, arm)
+                its, r = [m["iteration"] for m in x], [m["reward_mean"] for m in x]
+                ma = [sum(r[max(0, i - 4):i + 1]) / len(r[max(0, i - 4):i + 1]) for i in range(len(r))]
+                ax.plot(its, r, color=colors[arm], alpha=0.3, lw=0.8)
+                ax.plot(its, ma, color=colors[arm], lw=2, label=f"{arm}, seed {sd} (5-it. moving avg.)")
+                d = [m.get("train_rollout_logprob_abs_diff_mean") for m in x]
+                bx.plot(its, [v if v is not None else float("nan") for v in d], "-o", ms=3, color=colors[arm],
+                        label=f"{arm}, seed {sd}")
+        ax.set(xlabel="RL iteration", ylabel="reward mean (all rollouts)", title="reward per iteration")
+        bx.set(xlabel="RL iteration", ylabel="mean |train - rollout logprob|", title="train/rollout mismatch")
+        bx.xaxis.set_major_locator(MaxNLocator(integer=True))
+        bx.legend(fontsize=8)
+        out.append(finish(fig, ax, png_dir / "exp-on-policy.png"))
+    return out
 
 
 def write_doc(doc: Path, body: str) -> None:

@@ -48,7 +48,7 @@ class EvalConsistencyConfig:
     temperature: float = 1.0  # sampling temperature of the inference side
     seed: int = 0  # completion k of prompt i uses seed * 1_000_003 + i * samples + k
     max_abs_diff: float | None = None  # gate: exit 1 when the main arm's mean |Δlogp| exceeds it
-    true_on_policy: bool = False  # the train side is the engine's exact forward on the fake-int4 weights (rl-step's mode)
+    true_on_policy: bool = False  # the train side is the engine's exact forward on the training weights (rl-step's mode)
     force: bool = False
 
     def recorded(self) -> dict:

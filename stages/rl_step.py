@@ -120,9 +120,6 @@ def _validate_true_on_policy(c: RlStepConfig) -> None:
     if c.arm == "int4-ptq":
         raise QatctlError("--true-on-policy with --no-fake-quant and int4 rollouts (the PTQ arm): the trainer computes "
                           "with BF16 weights and the rollouts with their INT4 conversion, so the two can never agree")
-    if c.arm == "bf16":
-        raise QatctlError("--true-on-policy with --rollout-precision bf16: the dense BF16 path has no native exact "
-                          "forward yet (only the W4A16 one does); use it with the int4-qat arm")
     if c.engine_url:
         raise QatctlError("--true-on-policy with --engine-url: a server computes with its own kernels; the mode needs "
                           "the embedded engine, whose forward the trainer runs")

@@ -6,7 +6,8 @@ Writes: nothing; serves until interrupted.
 Embedded backend: SGLang's native routes (/generate, /health_generate, /flush_cache,
 /abort_request, /pause_generation, /continue_generation, /update_weights_from_disk, server and
 model info) and the OpenAI routes (/v1/completions, /v1/chat/completions, /v1/models): the app is
-qatctl/server.py, request schemas qatctl/api.py. Continuous batching: requests join the running
+qatctl/server.py (routes: qatctl/server_native.py, qatctl/server_openai.py), request schemas
+qatctl/api.py. Continuous batching: requests join the running
 batch at the next decode step and leave when they finish (--max-batch running at once); identical
 prompts are prefilled once (prefix cache, flushed by /flush_cache and weight updates). The engine
 is batch-invariant, so a request's tokens and logprobs do not depend on what else runs.

@@ -337,6 +337,13 @@ def test_bf16_compute_dtype_autocasts_the_update_and_scoring(root, tmp_path):
     assert [r["train_logprobs"] for r in rows] == [logp[0, 1:5].tolist(), logp[1, :1].tolist()]
     plain, *_ = _completion_logprobs(s.model, rows, s.loop.pad_id, s.device)
     assert not torch.equal(plain, logp)
+    # eval-consistency's train side is the same scoring: the same rows in one batch, the same bits
+    from qatctl.consistency import train_logprobs
+
+    with s.trainer.compute():
+        lps, _ = train_logprobs(s.model, [r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows],
+                                batch=len(rows), pad_id=s.loop.pad_id)
+    assert lps == [r["train_logprobs"] for r in rows]
     _, bf16_metrics = s.loop.iteration_step()
     _, fp32_metrics = session("fp32").loop.iteration_step()
     assert bf16_metrics["optimizer_steps"] == 2 and bf16_metrics["grad_norm"] != fp32_metrics["grad_norm"]

@@ -143,6 +143,67 @@ def test_int4_linear_builds_for_older_cpus_give_the_same_bits(flags):
             assert torch.equal(kernels.int4_linear(x[:m], theirs, lib), kernels.int4_linear(x[:m], packed)), (n, m)
 
 
+def _w16a16_reference(x, w):
+    """The W16A16 chain written out in torch: per output, over the pairs p in order,
+    acc = fma(x[2p+1], w[2p+1], acc); acc = fma(x[2p], w[2p], acc) (a BF16 x BF16 product is exact in
+    fp32, so each fma is one fp32 add), then one rounding to BF16."""
+    xb, wb = x.bfloat16().float(), w.bfloat16().float()
+    acc = torch.zeros(x.shape[0], w.shape[0])
+    for p in range(x.shape[1] // 2):
+        acc = acc + xb[:, 2 * p + 1, None] * wb[None, :, 2 * p + 1]
+        acc = acc + xb[:, 2 * p, None] * wb[None, :, 2 * p]
+    return acc.bfloat16().float()
+
+
+@native
+@pytest.mark.parametrize("flags", [(), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["here", "avx2", "portable"])
+def test_w16a16_linear_is_the_written_chain_and_row_and_thread_invariant(flags):
+    """The dense BF16 linear of the engine's BF16 path: on every build each output is the chain
+    above to the bit, whatever M, the tiling or the thread count."""
+    lib = kernels.library(flags)
+    if lib is None:
+        pytest.skip(f"cannot build with {flags} here")
+    g = torch.Generator().manual_seed(3)
+    threads = torch.get_num_threads()
+    for n, k in [(40, 64), (100, 96), (70, 128), (192, 576)]:
+        x, w = torch.randn(40, k, generator=g), (torch.randn(n, k, generator=g) * 0.05).bfloat16().float()
+        packed = kernels.pack_dense_bf16(w)
+        got = kernels.w16a16_linear(x, packed, lib)
+        assert torch.equal(got, _w16a16_reference(x, w)), (n, k)
+        alone = torch.cat([kernels.w16a16_linear(r, packed, lib) for r in x.split(1)])
+        for m in (1, 3, 4, 9, 16, 31, 32, 33, 40):  # the row blocks, the tile path from 32 rows, leftovers
+            assert torch.equal(kernels.w16a16_linear(x[:m], packed, lib), alone[:m]), (n, k, m)
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(kernels.w16a16_linear(x, packed, lib), got)
+        finally:
+            torch.set_num_threads(threads)
+    # where the order shows: x all ones; column 0's pair 1 is (even -1, odd 2^-24) after a sum of 1:
+    # odd first, 1 + 2^-24 rounds to 1 (a tie, to even), then -1 gives 0; even first gives 2^-24.
+    # Column 1 the mirror (the even term is the tiny one); column 2 the pairs in reverse would differ.
+    w = torch.zeros(3, 64)
+    w[0, :4] = torch.tensor([1.0, 0.0, -1.0, 2**-24])
+    w[1, :4] = torch.tensor([0.0, 1.0, 2**-24, -1.0])
+    w[2, :4] = torch.tensor([1.0, 0.0, 2**-24, 0.0])
+    w[2, 4:6] = torch.tensor([-1.0, 0.0])
+    got = kernels.w16a16_linear(torch.ones(1, 64), kernels.pack_dense_bf16(w), lib)
+    assert got.tolist() == [[0.0, 2**-24, 0.0]]
+    with pytest.raises(ValueError, match="BF16 values"):
+        kernels.pack_dense_bf16(torch.full((16, 32), 1.0 + 2**-12))
+
+
+@native
+def test_w16a16_on_the_dequantized_weight_is_the_int4_kernel():
+    """One arithmetic for both paths: the dense BF16 linear on bf16(q * scale) (the training
+    view's weight) gives exactly the W4A16 kernel's bits on the 4-bit weight."""
+    for n, k, group in [(960, 576, 64), (100, 96, 32)]:
+        q, scale, w, x = _int4_case(n, k, group, 5 * n)
+        dense = kernels.pack_dense_bf16(w.float())
+        for m in (1, 7, 64):
+            assert torch.equal(kernels.w16a16_linear(x[:m], dense), kernels.int4_linear(x[:m], kernels.pack_int4(q, scale, group)))
+
+
 @native
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3"])
 def test_fused_decode_matches_the_torch_path(tiny_pairs, preset):

@@ -129,3 +129,22 @@ def test_loop_scores_dense_policies_and_refuses_bad_variables(loop):
                        ("THREADS=0", "THREADS"), ("EVAL=recipes/data/arith.jsonl", "needs a %")):
         p = make("-n", bad, check=False)
         assert p.returncode == 2 and words in p.stderr, (bad, p.stderr)
+
+
+def test_loop_runs_the_true_on_policy_arm_from_the_qat_start(loop):
+    """ARMS=int4-qat-exact: int4-qat with --true-on-policy from the same start and seed; its link 0
+    is int4-qat's (copied when that arm is built too, scored itself when it is not)."""
+    root, make, _ = loop
+    run, reports = root / "run", root / "run/reports"
+    dry = make("-n", "-B", "ARMS=int4-qat int4-qat-exact").stdout
+    rl = [ln for ln in dry.splitlines() if " rl-step " in ln]
+    exact = [ln for ln in rl if "int4-qat-exact/policy-1" in ln]
+    plain = [ln for ln in rl if "/int4-qat/policy-1" in ln]
+    assert len(exact) == len(plain) == 1
+    assert f"rl-step {run}/s0/sft-qat " in exact[0] and "--true-on-policy" in exact[0] and "--seed 0" in exact[0]
+    assert "--true-on-policy" not in plain[0]
+    same = exact[0].replace(" --true-on-policy", "").replace("int4-qat-exact", "int4-qat")
+    assert same.split() == plain[0].split()  # every other flag the same
+    assert f"cp {reports}/s0/int4-qat/link-0/accuracy-val-int4.json {reports}/s0/int4-qat-exact/link-0/" in dry
+    alone = make("-n", "-B", "ARMS=int4-qat-exact", f"REPORTS={root}/elsewhere").stdout
+    assert f"accuracy {run}/s0/sft-qat-int4 " in alone and "int4-qat/link-0" not in alone

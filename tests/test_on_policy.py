@@ -1,4 +1,4 @@
-"""True on-policy INT4 (DESIGN §6a): the engine's prefill ≡ its decode step, so a scored token's
+"""True on-policy, INT4 and BF16 (DESIGN §6a): the engine's prefill ≡ its decode step, so a scored token's
 logprob is the sampled one's bits; rl-step --true-on-policy trains with those values (the
 trainer's logprob of every rollout token == the rollout's), skips the scoring pass, and takes
 the same gradient as the default mode; refusals where it cannot hold."""
@@ -30,12 +30,17 @@ def threads(request):
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("weights", ["int4", "bf16"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_score_equals_generate_alone_batched_and_cached(pairs, preset, threads):
+def test_score_equals_generate_alone_batched_and_cached(pairs, preset, weights, threads):
+    """The INT4 engine on the int4-checkpoint and the BF16 engine (the native W16A16 path) on the
+    dense checkpoint: prefill ≡ decode, alone ≡ batched ≡ cached."""
     from qatctl.engines import SamplingParams, load_engine
 
-    eng = load_engine(pairs[preset][1], exact=True)
+    qat, int4 = pairs[preset]
+    eng = load_engine(int4, exact=True) if weights == "int4" else load_engine(qat, weights="bf16", exact=True)
     assert eng.exact and eng.info()["exact"]
+    assert ("W4A16" if weights == "int4" else "W16A16") in eng.kernel
     g = torch.Generator().manual_seed(threads)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (1, 5, 23, 23, 40, 9)]
     prompts[3] = prompts[2]  # a repeated prompt: its KV comes from the prefix cache
@@ -69,7 +74,10 @@ def test_without_exact_the_moe_torch_prefill_differs(pairs):
     scored = eng.score(prompts, [o.output_ids for o in outs])
     differ = sum(a != b for s, o in zip(scored, outs, strict=True) for a, b in zip(s, o.logprobs, strict=True))
     assert differ > 0
-    assert load_engine(pairs["tiny-llama"][1]).exact  # the native engine is exact without asking
+    assert load_engine(pairs["tiny-llama"][1]).exact  # the native INT4 engine is exact without asking
+    bf16 = load_engine(pairs["tiny-llama"][0], weights="bf16")  # BF16 is torch's (oneDNN) matmul unless asked
+    assert not bf16.exact and bf16.kernel == "dense bfloat16 matmul"
+    assert load_engine(pairs["tiny-llama"][0], weights="bf16", exact=True).native_exact  # the fused W16A16 step
 
 
 # ------------------------------------------------------------------ the trainer
@@ -101,11 +109,17 @@ def session(root, tmp_path, preset="llama", **options):
                    data.load_prompts(ARITH, tok, need_answer=False), load_reward(c.reward))
 
 
-@pytest.mark.parametrize("preset, mini_batches", [("llama", 1), ("llama", 2), ("moe", 1)])
-def test_trainer_logprobs_equal_rollout_logprobs_every_iteration(root, tmp_path, preset, mini_batches, monkeypatch):
+@pytest.mark.parametrize("preset, mini_batches, precision", [("llama", 1, "int4"), ("llama", 2, "int4"), ("moe", 1, "int4"),
+                                                              ("llama", 2, "bf16"), ("moe", 1, "bf16")])
+def test_trainer_logprobs_equal_rollout_logprobs_every_iteration(root, tmp_path, preset, mini_batches, precision,
+                                                                 monkeypatch):
+    """The int4-qat arm (W4A16 rollouts of the fake-quant policy) and the bf16 arm (W16A16
+    rollouts of the BF16 policy)."""
     from qatctl.rl import loop as loop_mod
 
-    s = session(root, tmp_path, preset, true_on_policy=True, iterations=3, mini_batches=mini_batches)
+    s = session(root, tmp_path, preset, true_on_policy=True, iterations=3, mini_batches=mini_batches,
+                rollout_precision=precision)
+    assert ("W4A16" if precision == "int4" else "W16A16") in s.engine.kernel
     loop = s.loop
     monkeypatch.setattr(loop, "_score_only", lambda *a: pytest.fail("a scoring pass ran"))
     seen = []  # per micro-batch: (its rows, the logprob values the loss computed with, the mask)
@@ -147,13 +161,15 @@ def test_trainer_logprobs_equal_rollout_logprobs_every_iteration(root, tmp_path,
     assert len(refreshes) == (3 if mini_batches == 2 else 0)
 
 
-def test_true_on_policy_gradient_equals_the_default_modes(root, tmp_path):
+@pytest.mark.parametrize("precision", ["int4", "bf16"])
+def test_true_on_policy_gradient_equals_the_default_modes(root, tmp_path, precision):
     """Same start, seed and rollouts: with TIS off, one iteration of each mode updates the masters
     to the same bits (the loss, ratio 1 and the STE backward are the same; only the forward
     values differ by the default mode's mismatch, which a ratio of exactly 1 does not see)."""
     after = {}
     for mode in (False, True):
-        s = session(root, tmp_path / str(mode), true_on_policy=mode, tis_cap=0.0, iterations=1)
+        s = session(root, tmp_path / str(mode), true_on_policy=mode, tis_cap=0.0, iterations=1,
+                    rollout_precision=precision)
         rows, m = s.loop.iteration_step()
         assert m["update_sequences"] > 0
         after[mode] = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
@@ -179,27 +195,53 @@ def test_a_difference_stops_the_run_naming_the_token(root, tmp_path):
     with pytest.raises(QatctlError) as e:
         s.loop.iteration_step()
     assert e.value.exit_code == 1 and "completion token 2" in str(e.value) and "iteration 1" in str(e.value)
+    assert "agree at every layer and the lm_head" in str(e.value)  # the engine's two paths do agree here
+
+
+def _break_prefill_from_layer(plan, layer, monkeypatch):
+    """Make the native step's multi-token calls (prefill) differ from `layer` on (their last row)."""
+    cls, real = type(plan), type(plan).__call__
+
+    def call(self, x, pool, rows, positions, head=True, layers=None):
+        out = real(self, x, pool, rows, positions, head=head, layers=layers)
+        if len(rows) > 1 and (layers is None or layers > layer):
+            out[-1] += 0.5
+        return out
+
+    monkeypatch.setattr(cls, "__call__", call)
+
+
+def test_the_exit_names_the_first_layer_where_prefill_and_decode_differ(root, tmp_path, monkeypatch):
+    from qatctl.errors import QatctlError
+
+    s = session(root, tmp_path, true_on_policy=True, iterations=1)
+    ids = list(range(5, 25))
+    assert s.engine.trace_divergence(ids, 12) is None  # the shipped paths agree at every layer
+    _break_prefill_from_layer(s.engine.decode_plan, 1, monkeypatch)
+    assert s.engine.trace_divergence(ids, 12) == "model.layers.1"
+    with pytest.raises(QatctlError) as e:
+        s.loop.iteration_step()
+    assert e.value.exit_code == 1 and "prefill and decode first differ at model.layers.1" in str(e.value)
 
 
 def test_refusals(root, tmp_path):
     out = tmp_path / "out"
     base = [root / "llama", "--prompts", ARITH, "--out", out, "--true-on-policy", "--max-new-tokens", "4"]
     assert_usage_error(qatctl("rl-step", *base, "--no-fake-quant", check=False), "PTQ arm", absent=[out])
-    assert_usage_error(qatctl("rl-step", *base, "--rollout-precision", "bf16", check=False), "dense BF16",
-                       absent=[out])
     assert_usage_error(qatctl("rl-step", *base, "--engine-url", "http://127.0.0.1:9", "--rollout-model", root / "llama",
                               check=False), "--engine-url", absent=[out])
     env = {**os.environ, "QATCTL_NO_NATIVE": "1"}
     assert_usage_error(qatctl("rl-step", *base, check=False, env=env), "native kernels are unavailable", absent=[out])
 
 
-def test_cli_run_records_exact_zero(root, tmp_path):
+@pytest.mark.parametrize("arm", [(), ("--rollout-precision", "bf16")], ids=["int4-qat", "bf16"])
+def test_cli_run_records_exact_zero(root, tmp_path, arm):
     import json
 
     out = tmp_path / "out"
     qatctl("rl-step", root / "llama", "--prompts", ARITH, "--out", out, "--true-on-policy", "--iterations", "2",
            "--prompts-per-step", "2", "--samples-per-prompt", "4", "--max-new-tokens", "6",
-           "--reward", f"{root / 'rw.py'}:odd_length")
+           "--reward", f"{root / 'rw.py'}:odd_length", *arm)
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["mismatch_exact"] for m in lines] == [True, True]
     manifest = json.loads((out / "qatctl.json").read_text())
@@ -221,8 +263,16 @@ def test_eval_consistency_true_on_policy_is_exactly_zero(pairs, tmp_path):
     qatctl("eval-consistency", qat, "--ablation", "--prompts", ARITH, "--out", grid, "--limit", "4",
            "--max-new-tokens", "12", "--true-on-policy")
     g = json.loads((grid / "qatctl.json").read_text())["metrics"]["grid_mean_abs_diff"]
-    exact = next(v for k, v in g.items() if k.startswith("train exact"))
-    assert exact == 0.0 and g["train fake-int4 / rollout int4"] > 0  # the default train side is not exact
+    exact = {k: v for k, v in g.items() if k.startswith("train exact")}
+    assert set(exact) == {"train exact fake-int4 (true on-policy) / rollout int4",
+                          "train exact bf16 (true on-policy) / rollout bf16 (W16A16)"}
+    assert set(exact.values()) == {0.0} and g["train fake-int4 / rollout int4"] > 0  # the default train side is not
+    single = tmp_path / "bf16"  # the bf16 arm's matched pair: BF16 view, BF16 checkpoint on the W16A16 path
+    qatctl("eval-consistency", qat, qat, "--train-view", "bf16", "--prompts", ARITH, "--out", single, "--limit", "4",
+           "--samples-per-prompt", "2", "--max-new-tokens", "12", "--true-on-policy")
+    m = json.loads((single / "qatctl.json").read_text())["metrics"]
+    assert m["main_arm"] == "train exact bf16 (true on-policy) / rollout bf16 (W16A16)" and m["tokens"] > 20
+    assert m["max_abs_diff"] == 0.0
     env = {**os.environ, "QATCTL_NO_NATIVE": "1"}
     bad = tmp_path / "bad"
     assert_usage_error(qatctl("eval-consistency", qat, int4, "--prompts", ARITH, "--out", bad, "--true-on-policy",
@@ -262,16 +312,18 @@ def test_prefill_equals_decode_on_each_build(pairs, flags, monkeypatch):
     CPU's build's (the three builds compute the same chains)."""
     from qatctl.engines import SamplingParams, kernels, load_engine
 
-    int4 = pairs["tiny-qwen3"][1]
+    qat, int4 = pairs["tiny-qwen3"]
     prompts = [list(range(9, 9 + n)) for n in (4, 19, 33)]
     sp = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5, ignore_eos=True)
-    here = load_engine(int4).generate(prompts, sp)
+    engines = {"int4": lambda: load_engine(int4), "bf16": lambda: load_engine(qat, weights="bf16", exact=True)}
+    here = {k: make().generate(prompts, sp) for k, make in engines.items()}
     lib = kernels.library(flags)
     if lib is None:
         pytest.skip(f"cannot build with {flags} here")
     monkeypatch.setitem(kernels._libs, (), lib)
-    eng = load_engine(int4)
-    assert eng.exact and kernels.isa() in eng.kernel
-    outs = eng.generate(prompts, sp)
-    assert eng.score(prompts, [o.output_ids for o in outs]) == [o.logprobs for o in outs]
-    assert [o.logprobs for o in outs] == [o.logprobs for o in here]
+    for k, make in engines.items():
+        eng = make()
+        assert eng.exact and kernels.isa() in eng.kernel
+        outs = eng.generate(prompts, sp)
+        assert eng.score(prompts, [o.output_ids for o in outs]) == [o.logprobs for o in outs]
+        assert [o.logprobs for o in outs] == [o.logprobs for o in here[k]], k

@@ -6,8 +6,12 @@ AVX512-BF16, FMAs on AVX2, plain C elsewhere, the same bits on each), or, withou
 (or with QATCTL_NO_NATIVE=1), for torch's `_weight_int4pack_mm_for_cpu` (symmetric q maps exactly
 as u = q + 8, zero 0). Both take BF16 activations and return BF16 values. q/k/v and gate/up are
 fused into one kernel call each. Norms, RoPE, attention, softmax and the residual stream run in
-fp32. A decode step of a dense model on the native kernel is one native call for all layers
-(kernels.DecodePlan); prefill, MoE and the fallback run the torch forward below. Generation runs
+fp32. A BF16 engine (weights='bf16') runs torch's BF16 matmul (oneDNN), or, loaded with
+exact=True, the W4A16 kernel's arithmetic on the dense BF16 weights (the native W16A16 kernel: BF16
+in, the same fp32 chains, BF16 out; batch-invariant, prefill ≡ decode). A decode
+step of a dense (non-MoE) model on the native kernels is one native call for all layers
+(kernels.DecodePlan), and so is its prefill (the same call over the prompt's tokens: exact); MoE
+and the fallback run the torch forward below. Generation runs
 as a continuous batch (qatctl/engines/batch.py): a KV pool of one [rows, kv heads, length,
 head_dim] tensor per layer, sequences joining and leaving at decode steps, identical prompts
 prefilled once (prefix cache, flushed by weight updates).
@@ -36,7 +40,7 @@ import torch.nn.functional as F
 
 from qatctl.engines import Completion, SamplingParams
 from qatctl.engines.batch import token_logprob, token_logprobs
-from qatctl.engines.linears import DenseLinear, Int4Linear, RowInvariantLinear
+from qatctl.engines.linears import Bf16Linear, DenseLinear, Int4Linear, RowInvariantLinear
 from qatctl.errors import QatctlError
 from qatctl.quant import dequant
 
@@ -60,7 +64,7 @@ class _Weights:
     the format's one reader (qatctl.int4format.Int4Reader): from a folder, or from an in-memory
     {on-disk name: tensor} dict (rl-step's weight sync)."""
 
-    def __init__(self, reader, weights: str, device: torch.device, native: bool = True):
+    def __init__(self, reader, weights: str, device: torch.device, native: bool = True, w16a16: bool = False):
         if weights not in ("int4", "fp32", "bf16"):
             raise QatctlError(f"engine: weights={weights!r}; expected int4, fp32 or bf16")
         if weights == "int4" and not reader.int4:
@@ -69,20 +73,22 @@ class _Weights:
         self.reader, self.group_size = reader, reader.group_size
         self.mode, self.device, self.where = weights, device, reader.where
         self.native = native  # the native kernels where they apply (False: the pure-torch path)
+        self.w16a16 = w16a16  # BF16 weights on the native W16A16 kernel (an exact engine) instead of torch's matmul
         self.checked = False
 
     @classmethod
-    def from_folder(cls, folder: Path, cfg: dict, weights: str, device: torch.device, native: bool = True):
+    def from_folder(cls, folder: Path, cfg: dict, weights: str, device: torch.device, native: bool = True,
+                    w16a16: bool = False):
         from qatctl.int4format import Int4Reader
 
-        return cls(Int4Reader.from_folder(folder, cfg), weights, device, native)
+        return cls(Int4Reader.from_folder(folder, cfg), weights, device, native, w16a16)
 
     @classmethod
     def from_tensors(cls, tensors: dict, group_size: int | None, weights: str, device: torch.device,
-                     native: bool = True):
+                     native: bool = True, w16a16: bool = False):
         from qatctl.int4format import Int4Reader
 
-        return cls(Int4Reader.from_tensors(tensors, group_size), weights, device, native)
+        return cls(Int4Reader.from_tensors(tensors, group_size), weights, device, native, w16a16)
 
     def tensor(self, key):
         return self.reader.tensor(key)
@@ -105,7 +111,17 @@ class _Weights:
             w = dequant(q, scale, self.group_size)  # dense baseline of the same INT4 weights
         else:
             w = torch.cat([self.tensor(f"{m}.weight") for m in modules])
+        if self.mode == "bf16" and self.dense_native(w):
+            return Bf16Linear(w.to(torch.bfloat16))
         return DenseLinear(w.float(), torch.bfloat16 if self.mode == "bf16" else torch.float32, self.device)
+
+    def dense_native(self, w: torch.Tensor) -> bool:
+        """An exact BF16 engine runs the native W16A16 kernel (batch-invariant, prefill ≡ decode) where
+        it builds; otherwise BF16 is torch's matmul (oneDNN: the fast baseline the bf16 arm is timed on)."""
+        from qatctl.engines import kernels
+
+        return self.w16a16 and self.native and self.device.type == "cpu" and w.shape[1] % 2 == 0 \
+            and kernels.available()
 
 
 class EmbeddedEngine:
@@ -127,7 +143,7 @@ class EmbeddedEngine:
         ang = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv)
         self.cos = torch.cat([ang, ang], dim=-1).cos().float().to(self.device)
         self.sin_signed = torch.cat([-ang.sin(), ang.sin()], dim=-1).float().to(self.device)
-        self.mode, self.group_size, self.native = w.mode, w.group_size, w.native
+        self.mode, self.group_size, self.native, self.w16a16 = w.mode, w.group_size, w.native, w.w16a16
         from qatctl.engines.batch import PrefixCache
 
         self.prefix_cache = PrefixCache()
@@ -209,8 +225,9 @@ class EmbeddedEngine:
 
         dev = resolve_device(device)
         native = kernel != "torch"
-        w = (_Weights.from_folder(folder, cfg, weights, dev, native) if tensors is None
-             else _Weights.from_tensors(tensors, group_size, weights, dev, native))
+        w16a16 = exact and weights == "bf16"
+        w = (_Weights.from_folder(folder, cfg, weights, dev, native, w16a16) if tensors is None
+             else _Weights.from_tensors(tensors, group_size, weights, dev, native, w16a16))
         from qatctl.safeio import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
@@ -343,6 +360,31 @@ class EmbeddedEngine:
                 out.append(plan(x[mid:b], pool, [row] * (b - mid), list(range(mid, b))))
         return torch.cat(out) if out else torch.empty(0, self.vocab_size)
 
+    @torch.inference_mode()
+    def trace_divergence(self, ids: list[int], position: int) -> str | None:
+        """Where this engine's exact prefill and its decode step first differ for the logits at
+        `position` of `ids` (a debugging aid for --true-on-policy's exit 1): 'model.layers.N' (the first
+        layer whose output differs), 'lm_head', or None when they agree all the way (or the engine
+        has no native step to trace). Positions 0..position are run both ways, layer by layer."""
+        plan = self.decode_plan
+        if plan is None or not 0 <= position < len(ids):
+            return None
+        T = position + 1
+        x = self.embed[torch.tensor(ids[:T])]
+
+        def both(**kw):
+            caches = self._new_cache(1, T), self._new_cache(1, T)  # held here: the pools are raw pointers into them
+            whole = plan(x, plan.pool(caches[0]), [0] * T, list(range(T)), **kw)[-1]
+            pool = plan.pool(caches[1])
+            for p in range(T):
+                step = plan(x[p:p + 1], pool, [0], [p], **kw)[-1]
+            return whole, step
+
+        for n in range(1, len(self.layers) + 1):
+            if not torch.equal(*both(layers=n)):
+                return f"model.layers.{n - 1}"
+        return "lm_head" if plan.vocab and not torch.equal(*both()) else None
+
     # ------------------------------------------------------------------ interface
 
     def open_batch(self):
@@ -434,7 +476,7 @@ class EmbeddedEngine:
         safetensors would hold (pack-quantized names for an int4 engine, from the shared quantizer
         via qatctl.int4format.int4_tensors; dense BF16 for a bf16/fp32 engine). Bit-identical to
         loading that checkpoint from disk: the same _build reads both. The engine keeps its mode."""
-        self._swap(_Weights.from_tensors(tensors, self.group_size, self.mode, self.device, self.native))
+        self._swap(_Weights.from_tensors(tensors, self.group_size, self.mode, self.device, self.native, self.w16a16))
 
     SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                   "intermediate_size", "head_dim", "vocab_size", "num_experts", "num_local_experts",
@@ -454,7 +496,7 @@ class EmbeddedEngine:
         if differs:
             raise QatctlError(f"{folder}/config.json: {differs[0]} {(cfg or {}).get(differs[0])!r} differs from the "
                               f"engine's {self.cfg.get(differs[0])!r} (load a new engine for another architecture)")
-        w = _Weights.from_folder(folder, cfg, self.mode, self.device, self.native)
+        w = _Weights.from_folder(folder, cfg, self.mode, self.device, self.native, self.w16a16)
         if w.group_size != self.group_size:
             raise QatctlError(f"{folder}: group size {w.group_size} differs from the engine's {self.group_size}")
         self._swap(w)

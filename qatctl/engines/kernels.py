@@ -10,10 +10,16 @@ fp32. For a weight whose values are BF16 numbers (the lm_head of every qatctl ch
 reads half the bytes of the fp32 matmul and gives the same products; only the summation order
 differs (a fixed one).
 
-`DecodePlan`: a decode step of a dense Llama / Qwen3 model whose linears all run int4_linear, as one
+`w16a16_linear(x, w)`: the dense BF16 linear of an exact BF16 engine: int4_linear's arithmetic
+(BF16 activations, the same fp32 chain per output, BF16 out) on a dense BF16 weight read as it is
+([N/16, K/2, 16, 2]), so that engine is batch-invariant and exact as the INT4 one is.
+
+`DecodePlan`: a decode step of a dense Llama / Qwen3 model whose linears all run int4_linear (or all
+w16a16_linear), as one
 native call (`qatctl_decode`): every layer (norms, RoPE, KV write, attention over each row's own
 positions, residuals) and then the final norm and the BF16-read lm_head, instead of ~40 torch ops
-per layer. Prefill, MoE models and the fallback keep the torch forward (qatctl/engines/embedded.py).
+per layer. The engine's prefill is the same call over a prompt's tokens (its exact prefill); MoE models
+and the fallback keep the torch forward (qatctl/engines/embedded.py).
 
 Every output of each kernel is one fixed fp32 chain computed by one thread, so a row's result does
 not depend on M, on the other rows or on the thread count: the engine stays batch-invariant.
@@ -95,6 +101,8 @@ def library(extra_flags: tuple[str, ...] = ()):
         lib.qatctl_bf16_linear.restype = None
         lib.qatctl_int4_linear.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
         lib.qatctl_int4_linear.restype = ctypes.c_int
+        lib.qatctl_w16a16_linear.argtypes = [p, p, p, i64, i64, i64, i64, ctypes.c_int]
+        lib.qatctl_w16a16_linear.restype = ctypes.c_int
         lib.qatctl_int4_isa.restype = ctypes.c_char_p
         lib.qatctl_int4_layout.restype = ctypes.c_int
         lib.qatctl_decode.argtypes = [p, p, p, p, p, p, p, i64, ctypes.c_int]
@@ -207,8 +215,50 @@ def int4_linear(x: torch.Tensor, packed: Int4Packed, lib=None) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], packed.n)
 
 
+@dataclass(frozen=True)
+class DensePacked:
+    """A dense BF16 weight as w16a16_linear reads it: [NB, K/2, 16, 2] BF16 (pair p of column 16 nb + j
+    at [nb, p, j], even k first; NB a multiple of 4, zero columns pad N); n and k the real features."""
+    wd: torch.Tensor
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.wd.numel() * self.wd.element_size()
+
+
+def pack_dense_bf16(w: torch.Tensor) -> DensePacked:
+    """A [N, K] weight holding BF16 values (K even) -> DensePacked, the same layout on every build."""
+    N, K = w.shape
+    wb = w.to(torch.bfloat16)
+    if K % 2 or not torch.equal(wb.float(), w.float()):
+        raise ValueError(f"pack_dense_bf16: a [{N}, {K}] weight must have an even K and BF16 values")
+    pad = (-N) % 64
+    if pad:
+        wb = torch.cat([wb, wb.new_zeros(pad, K)])
+    return DensePacked(wb.view(-1, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous(), N, K)
+
+
+def w16a16_linear(x: torch.Tensor, packed: DensePacked, lib=None) -> torch.Tensor:
+    """bf16(x) [..., K] @ w.T, fp32 chains as int4_linear's, rounded to BF16 -> fp32 [..., N]."""
+    lib = lib or _load()
+    if lib is None:
+        raise RuntimeError("native kernels are unavailable")
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    M, K = flat.shape
+    if K != packed.k:
+        raise ValueError(f"w16a16_linear: input has {K} features, the weight {packed.k}")
+    y = torch.empty(M, packed.n, dtype=torch.float32)
+    if M and lib.qatctl_w16a16_linear(flat.data_ptr(), packed.wd.data_ptr(), y.data_ptr(), M, packed.n,
+                                      packed.wd.shape[0], K, torch.get_num_threads()):
+        raise MemoryError(f"w16a16_linear: no memory for a [{M}, {K}] BF16 input")
+    return y.reshape(*x.shape[:-1], packed.n)
+
+
 class _DecLayer(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p * 4), ("s", ctypes.c_void_p * 4), ("nb", ctypes.c_int64 * 4),
+    _fields_ = [("w", ctypes.c_void_p * 4), ("s", ctypes.c_void_p * 4), ("wd", ctypes.c_void_p * 4),
+                ("nb", ctypes.c_int64 * 4),
                 ("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
                 ("k_norm", ctypes.c_void_p)]
 
@@ -221,7 +271,8 @@ class _DecDims(ctypes.Structure):
 
 class DecodePlan:
     """The engine's decode step as one native call (native.c qatctl_decode): every layer of a dense
-    Llama / Qwen3 decoder whose linears are all native W4A16 on the CPU. `plan(engine)` returns None
+    Llama / Qwen3 decoder whose linears are all native W4A16 (or native W16A16: the dense BF16 path)
+    on the CPU. `plan(engine)` returns None
     where that does not hold (MoE, another kernel, a head_dim the C code does not take)."""
 
     KEYS = ("qkv", "o", "gate_up", "down")
@@ -233,7 +284,10 @@ class DecodePlan:
         for dst, layer in zip(self.layers, layers, strict=True):
             for i, key in enumerate(self.KEYS):
                 p = layer[key].native
-                dst.w[i], dst.s[i], dst.nb[i] = p.w.data_ptr(), p.s.data_ptr(), p.w.shape[0]
+                if isinstance(p, DensePacked):
+                    dst.wd[i], dst.nb[i] = p.wd.data_ptr(), p.wd.shape[0]
+                else:
+                    dst.w[i], dst.s[i], dst.nb[i] = p.w.data_ptr(), p.s.data_ptr(), p.w.shape[0]
             dst.in_norm, dst.post_norm = layer["in_norm"].data_ptr(), layer["post_norm"].data_ptr()
             dst.q_norm = layer["q_norm"].data_ptr() if "q_norm" in layer else None
             dst.k_norm = layer["k_norm"].data_ptr() if "k_norm" in layer else None
@@ -241,7 +295,8 @@ class DecodePlan:
         head = engine.lm_head.bf16  # the native BF16-read lm_head: then the step returns logits
         self.vocab = engine.lm_head.out_features if head is not None else None
         self.dims = _DecDims(L=len(layers), H=engine.hidden, nh=engine.n_heads, nkv=engine.n_kv, hd=engine.head_dim,
-                             I=first["down"].in_features, G=first["qkv"].group_size, len_alloc=0, eps=engine.eps,
+                             I=first["down"].in_features, G=getattr(first["qkv"], "group_size", 2), len_alloc=0,
+                             eps=engine.eps,
                              cos=engine.cos.data_ptr(), sin=engine.sin_signed.data_ptr(),
                              final_norm=engine.final_norm.data_ptr(), head=None if head is None else head.data_ptr(),
                              vocab=self.vocab or 0)
@@ -270,17 +325,24 @@ class DecodePlan:
         dims.len_alloc = K0.shape[2]
         return (ctypes.c_void_p * (2 * len(cache)))(*[t.data_ptr() for kv in cache for t in kv]), dims, K0.shape[0]
 
-    def __call__(self, x: torch.Tensor, pool, rows: list[int], positions: list[int], head: bool = True) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pool, rows: list[int], positions: list[int], head: bool = True,
+                 layers: int | None = None) -> torch.Tensor:
         """x [M, hidden] fp32 (the new tokens' embeddings) -> the logits [M, vocab] when the plan
         holds the lm_head (`self.vocab`) and `head`, else the last layer's output [M, hidden] (before
         the final norm); row m's k, v are written to the pool at [rows[m], :, positions[m]] of every
         layer. Token m attends over the pool's positions 0..positions[m] of its row, written before
         any attention of its layer runs: so a row's prompt can be M tokens of one call (the engine's
-        exact prefill), and each token's result is the same bits as when it is decoded alone."""
+        exact prefill), and each token's result is the same bits as when it is decoded alone.
+        `layers`: run only the first that many layers (no head): the residual stream after them."""
         ptrs, dims, n_rows = pool
-        if not head and self.vocab:
+        if layers is not None:
+            if not 0 < layers <= dims.L:
+                raise ValueError(f"decode: layers={layers}; the model has {dims.L}")
+            head = False
+        if (not head and self.vocab) or layers is not None:
             dims = _DecDims.from_buffer_copy(dims)
             dims.head, dims.vocab = None, 0
+            dims.L = dims.L if layers is None else layers
         want_logits = head and self.vocab
         x = x.to(torch.float32).contiguous().clone()
         M = x.shape[0]

@@ -1,6 +1,7 @@
-"""The engine's linear layers: W4A16 (Int4Linear), dense baselines (DenseLinear), and the
-row-invariant dense linear of the lm_head and MoE router (RowInvariantLinear). Each says which
-kernel runs (`.kernel`) and how many bytes it reads (`.nbytes`)."""
+"""The engine's linear layers: W4A16 (Int4Linear), the native dense BF16 linear (Bf16Linear), the
+torch dense baselines (DenseLinear), and the row-invariant dense linear of the lm_head and MoE
+router (RowInvariantLinear). Each says which kernel runs (`.kernel`) and how many bytes it reads
+(`.nbytes`)."""
 
 from __future__ import annotations
 
@@ -90,8 +91,36 @@ class Int4Linear:
         return sum(t.numel() * t.element_size() for t in self.parts)
 
 
+class Bf16Linear:
+    """The dense BF16 linear of an exact BF16 engine on the native kernels: y = bf16(bf16(x) @ w.T)
+    with each output one fixed fp32 chain (kernels.w16a16_linear: the W4A16 kernel's arithmetic on
+    BF16 weights read as they are). Row-invariant in M and thread-invariant, as Int4Linear is, so
+    a BF16 engine is batch-invariant and its prefill is its decode step (the fused native step
+    takes these layers too). `w` must hold BF16 values (a BF16 checkpoint's, or rounded to them)."""
+
+    def __init__(self, w: torch.Tensor):
+        from qatctl.engines import kernels
+
+        self.out_features, self.in_features = w.shape
+        self.native = kernels.pack_dense_bf16(w.to(torch.bfloat16))
+        self.kernel = f"native W16A16 (dense BF16), {kernels.isa()} (qatctl/engines/native.c)"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from qatctl.engines import kernels
+
+        return kernels.w16a16_linear(x, self.native)
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return (self.native.wd,)
+
+    @property
+    def nbytes(self) -> int:
+        return self.native.nbytes
+
+
 class DenseLinear:
-    """Baseline: a dense weight in fp32 or BF16."""
+    """Baseline: a dense weight in fp32 or BF16 (torch's matmul)."""
 
     def __init__(self, w: torch.Tensor, dtype: torch.dtype, device: torch.device = CPU):
         self.weight = w.to(device=device, dtype=dtype).contiguous()

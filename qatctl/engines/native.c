@@ -109,7 +109,14 @@ void qatctl_bf16_linear(const float *x, const uint16_t *wp, float *y, int64_t M,
 typedef struct {
     const uint16_t *x; const uint8_t *w; const uint16_t *s; float *y; int64_t M, N, K, G;
     char *scratch;  /* per thread I4_SCRATCH(K) bytes (the expanded-block path), or NULL */
+    const uint16_t *wd;  /* a dense BF16 weight instead of w and s (the W16A16 linear), or NULL */
 } I4Args;
+
+/* The dense BF16 linear (W16A16) is the same linear with BF16 weights read as they are: packed
+   [NB][K/2][16][2] (pair p of column 16 nb + j at [nb][p][j], even k first), NB a multiple of 4,
+   each output the same chain over the pairs as above, y = bf16(acc). So the dense BF16 path of the
+   engine computes what the W4A16 one does, from other weight bits, on every build. */
+#define D16_PAIRS(a, nb, p) ((a)->wd + (((nb) * ((a)->K / 2) + (p)) * 32))
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define QATCTL_INT4_ISA "avx512bf16 (vdpbf16ps)"
@@ -152,6 +159,26 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
                 const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[(m0 + r) * KP + p]);                          \
                 for (int c = 0; c < CB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, w[c]);                  \
             }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
+        float t[16];                                                                                             \
+        _mm512_storeu_ps(t, acc[r][c]);                                                                          \
+        i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
+    }                                                                                                            \
+}
+#define D16_BLOCK(R, CB)                                                                                         \
+static void d16_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {                                     \
+    const int64_t KP = a->K / 2;                                                                                 \
+    const int32_t *xp = (const int32_t *)a->x;                                                                   \
+    __m512 acc[R][CB];                                                                                           \
+    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) acc[r][c] = _mm512_setzero_ps();                    \
+    for (int64_t p = 0; p < KP; p++) {                                                                           \
+        __m512bh w[CB];                                                                                          \
+        for (int c = 0; c < CB; c++) w[c] = (__m512bh)_mm512_loadu_si512((const void *)D16_PAIRS(a, nb0 + c, p)); \
+        for (int r = 0; r < R; r++) {                                                                            \
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[(m0 + r) * KP + p]);                              \
+            for (int c = 0; c < CB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, w[c]);                      \
         }                                                                                                        \
     }                                                                                                            \
     for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
@@ -213,6 +240,34 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
         i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
     }                                                                                                            \
 }
+#define D16_BLOCK(R, CB)                                                                                         \
+static void d16_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {                                     \
+    const int64_t K = a->K, KP = K / 2;                                                                          \
+    const __m256i hi16 = _mm256_set1_epi32((int)0xffff0000u);                                                    \
+    __m256 acc[R][CB][2];                                                                                        \
+    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();  \
+    for (int64_t p = 0; p < KP; p++) {                                                                           \
+        __m256 we[CB][2], wo[CB][2];                                                                             \
+        for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++) {                                               \
+            /* 8 columns' (even, odd) pairs as 32-bit lanes: even k in the low half, odd in the high */         \
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(D16_PAIRS(a, nb0 + c, p) + 16 * h));          \
+            we[c][h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                                            \
+            wo[c][h] = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));                                           \
+        }                                                                                                        \
+        for (int r = 0; r < R; r++) {                                                                            \
+            const __m256 xe = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p]));                          \
+            const __m256 xo = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p + 1]));                       \
+            for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++)                                             \
+                acc[r][c][h] = _mm256_fmadd_ps(xe, we[c][h], _mm256_fmadd_ps(xo, wo[c][h], acc[r][c][h]));       \
+        }                                                                                                        \
+    }                                                                                                            \
+    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
+        float t[16];                                                                                             \
+        _mm256_storeu_ps(t, acc[r][c][0]);                                                                       \
+        _mm256_storeu_ps(t + 8, acc[r][c][1]);                                                                   \
+        i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
+    }                                                                                                            \
+}
 #else
 #define QATCTL_INT4_ISA "portable C"
 #define I4_LAYOUT 0
@@ -241,6 +296,21 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
         i4_store(a, m0 + r, (nb0 + c) * 16, acc);                                                                \
     }                                                                                                            \
 }
+#define D16_BLOCK(R, CB)                                                                                         \
+static void d16_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {                                     \
+    const int64_t K = a->K, KP = K / 2;                                                                          \
+    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
+        float acc[16] = {0};                                                                                     \
+        const uint16_t *xr = a->x + (m0 + r) * K;                                                                \
+        for (int64_t p = 0; p < KP; p++) {                                                                       \
+            const uint16_t *wp = D16_PAIRS(a, nb0 + c, p);                                                       \
+            const float xe = bf16_to_f32(xr[2 * p]), xo = bf16_to_f32(xr[2 * p + 1]);                            \
+            for (int j = 0; j < 16; j++)                                                                         \
+                acc[j] = fmaf(xe, bf16_to_f32(wp[2 * j]), fmaf(xo, bf16_to_f32(wp[2 * j + 1]), acc[j]));         \
+        }                                                                                                        \
+        i4_store(a, m0 + r, (nb0 + c) * 16, acc);                                                                \
+    }                                                                                                            \
+}
 #endif
 
 static inline void i4_store(const I4Args *a, int64_t m, int64_t n0, const float *t) {
@@ -248,7 +318,7 @@ static inline void i4_store(const I4Args *a, int64_t m, int64_t n0, const float 
     for (int64_t j = 0; j < cols; j++) a->y[m * a->N + n0 + j] = bf16_to_f32(f32_to_bf16(t[j]));
 }
 
-#define I4_DEFINE(R, CB) I4_BLOCK(R, CB)
+#define I4_DEFINE(R, CB) I4_BLOCK(R, CB) D16_BLOCK(R, CB)
 I4_DEFINE(I4_BIG_R, I4_BIG_CB)
 #if I4_BIG_R != 1 || I4_BIG_CB != I4_SMALL_CB
 I4_DEFINE(1, I4_SMALL_CB)
@@ -258,6 +328,9 @@ I4_DEFINE(1, I4_BIG_CB)
 #endif
 #define I4_CAT(a, b, c) i4_block_##a##_##b##c
 #define I4_FN(R, CB) I4_CAT(R, CB, )
+#define D16_CAT(a, b, c) d16_block_##a##_##b##c
+#define D16_FN(R, CB) D16_CAT(R, CB, )
+#define LIN_FN(a, R, CB) ((a)->wd ? D16_FN(R, CB) : I4_FN(R, CB))
 
 const char *qatctl_int4_isa(void) { return QATCTL_INT4_ISA; }
 
@@ -286,13 +359,13 @@ static void i4_expand(const I4Args *a, int64_t nb, __m512bh *wt) {
     }
 }
 #define I4_TILE(R)                                                                                               \
-static void i4_tile_##R(const I4Args *a, const __m512bh *wt, int64_t m0, int64_t nb) {                           \
+static void i4_tile_##R(const I4Args *a, const uint16_t *wt, int64_t m0, int64_t nb) {                           \
     const int64_t KP = a->K / 2;                                                                                 \
     const int32_t *xp = (const int32_t *)a->x + m0 * KP;                                                         \
     __m512 acc[R];                                                                                               \
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                                    \
     for (int64_t p = 0; p < KP; p++) {                                                                           \
-        const __m512bh w = wt[p];                                                                                \
+        const __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(wt + 32 * p));                            \
         for (int r = 0; r < R; r++) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(xp[r * KP + p]), w); \
     }                                                                                                            \
     for (int r = 0; r < R; r++) {                                                                                \
@@ -313,15 +386,17 @@ I4_TILE(1)
 static void i4_run(const I4Args *a, int64_t NB) {
     const int64_t M = a->M;
 #if I4_LAYOUT == 1
-    if (M >= I4_EXPAND_MIN && a->scratch) {
-        __m512bh *buf = (__m512bh *)(a->scratch + (size_t)omp_thread() * I4_SCRATCH(a->K));
+    if (M >= I4_EXPAND_MIN && (a->scratch || a->wd)) {
+        __m512bh *buf = a->scratch ? (__m512bh *)(a->scratch + (size_t)omp_thread() * I4_SCRATCH(a->K)) : NULL;
         #pragma omp for schedule(dynamic)
         for (int64_t nb = 0; nb < NB; nb++) {
-            i4_expand(a, nb, buf);
+            const uint16_t *wt = (const uint16_t *)buf;
+            if (a->wd) wt = D16_PAIRS(a, nb, 0);  /* dense: the pairs are already BF16, read in place */
+            else i4_expand(a, nb, buf);
             int64_t m = 0;
-            for (; m + 16 <= M; m += 16) i4_tile_16(a, buf, m, nb);
-            for (; m + 4 <= M; m += 4) i4_tile_4(a, buf, m, nb);
-            for (; m < M; m++) i4_tile_1(a, buf, m, nb);
+            for (; m + 16 <= M; m += 16) i4_tile_16(a, wt, m, nb);
+            for (; m + 4 <= M; m += 4) i4_tile_4(a, wt, m, nb);
+            for (; m < M; m++) i4_tile_1(a, wt, m, nb);
         }
         return;
     }
@@ -330,7 +405,7 @@ static void i4_run(const I4Args *a, int64_t NB) {
     if (big) {
         #pragma omp for schedule(dynamic) collapse(2)
         for (int64_t sb = 0; sb < NB / I4_BIG_CB; sb++)
-            for (int64_t m = 0; m < big; m += I4_BIG_R) I4_FN(I4_BIG_R, I4_BIG_CB)(a, m, sb * I4_BIG_CB);
+            for (int64_t m = 0; m < big; m += I4_BIG_R) LIN_FN(a, I4_BIG_R, I4_BIG_CB)(a, m, sb * I4_BIG_CB);
     }
     if (big < M) {
         /* the rows left over: few, so the widest column blocks (more chains side by side) */
@@ -338,8 +413,8 @@ static void i4_run(const I4Args *a, int64_t NB) {
         #pragma omp for schedule(dynamic)
         for (int64_t sb = 0; sb < NB / cb; sb++)
             for (int64_t m = big; m < M; m++) {
-                if (cb == I4_SMALL_CB) I4_FN(1, I4_SMALL_CB)(a, m, sb * cb);
-                else I4_FN(1, I4_BIG_CB)(a, m, sb * cb);
+                if (cb == I4_SMALL_CB) LIN_FN(a, 1, I4_SMALL_CB)(a, m, sb * cb);
+                else LIN_FN(a, 1, I4_BIG_CB)(a, m, sb * cb);
             }
     }
 }
@@ -357,11 +432,25 @@ int qatctl_int4_linear(const float *x, const uint8_t *w, const uint16_t *s, floa
         return 1;
     }
     for (int64_t i = 0; i < M * K; i++) xb[i] = f32_to_bf16(x[i]);
-    const I4Args a = {xb, w, s, y, M, N, K, G, scratch};
+    const I4Args a = {xb, w, s, y, M, N, K, G, scratch, NULL};
     #pragma omp parallel num_threads(nthreads)
     i4_run(&a, NB);
     free(xb);
     free(scratch);
+    return 0;
+}
+
+/* The dense BF16 linear (W16A16): x fp32 [M, K] (rounded to BF16 here), wd packed as D16_PAIRS
+   says with NB blocks, y fp32 [M, N] holding BF16 values. Returns 0, or 1 without memory. */
+int qatctl_w16a16_linear(const float *x, const uint16_t *wd, float *y, int64_t M, int64_t N, int64_t NB,
+                         int64_t K, int nthreads) {
+    uint16_t *xb = malloc((size_t)(M * K) * sizeof(uint16_t));
+    if (!xb) return 1;
+    for (int64_t i = 0; i < M * K; i++) xb[i] = f32_to_bf16(x[i]);
+    const I4Args a = {xb, NULL, NULL, y, M, N, K, 2, NULL, wd};
+    #pragma omp parallel num_threads(nthreads)
+    i4_run(&a, NB);
+    free(xb);
     return 0;
 }
 
@@ -374,6 +463,8 @@ int qatctl_int4_linear(const float *x, const uint8_t *w, const uint16_t *s, floa
        attention of each query head over its row's positions 0..pos (GQA), softmax in fp32;
        x += W4A16(bf16(attn)); h = bf16(rms_norm(x) * post_norm); g, u = W4A16(h);
        x += W4A16(bf16(silu(g) * u))
+   Each linear is W4A16, or W16A16 where the layer gives a dense BF16 weight (wd): the engine's dense
+   BF16 path, the same chains on BF16 weights read as they are.
    Every value of row m is computed from row m alone, in a fixed order, by one thread (norms and
    dot products as 16 fixed lanes summed in a fixed tree): batch- and thread-invariant. With a packed
    lm_head in the dims, the step goes on to the final norm and the logits (qatctl_bf16_linear's
@@ -382,6 +473,7 @@ int qatctl_int4_linear(const float *x, const uint8_t *w, const uint16_t *s, floa
 typedef struct {
     const uint8_t *w[4];  /* qkv, o, gate_up, down: packed as for qatctl_int4_linear */
     const uint16_t *s[4];
+    const uint16_t *wd[4];  /* or dense BF16, packed as for qatctl_w16a16_linear (then w, s are NULL) */
     int64_t nb[4];
     const float *in_norm, *post_norm, *q_norm, *k_norm;  /* q_norm, k_norm NULL when absent */
 } DecLayer;
@@ -466,7 +558,7 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                 float *Kc = kv[2 * l], *Vc = kv[2 * l + 1];
                 #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++) rms_to_bf16(x + m * H, ly->in_norm, hb + m * H, H, d->eps);
-                I4Args a = {hb, ly->w[0], ly->s[0], qkv, M, nqkv, H, d->G, scratch};
+                I4Args a = {hb, ly->w[0], ly->s[0], qkv, M, nqkv, H, d->G, scratch, ly->wd[0]};
                 i4_run(&a, ly->nb[0]);
                 /* q and k heads: norm, RoPE; k and v into the cache */
                 #pragma omp for schedule(dynamic)
@@ -522,14 +614,14 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                     }
                     for (int64_t i = 0; i < hd; i++) hb[m * nh * hd + h * hd + i] = f32_to_bf16(o[i]);
                 }
-                a = (I4Args){hb, ly->w[1], ly->s[1], out, M, H, nh * hd, d->G, scratch};
+                a = (I4Args){hb, ly->w[1], ly->s[1], out, M, H, nh * hd, d->G, scratch, ly->wd[1]};
                 i4_run(&a, ly->nb[1]);
                 #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++) {
                     for (int64_t i = 0; i < H; i++) x[m * H + i] += out[m * H + i];
                     rms_to_bf16(x + m * H, ly->post_norm, hb + m * H, H, d->eps);
                 }
-                a = (I4Args){hb, ly->w[2], ly->s[2], gu, M, 2 * I, H, d->G, scratch};
+                a = (I4Args){hb, ly->w[2], ly->s[2], gu, M, 2 * I, H, d->G, scratch, ly->wd[2]};
                 i4_run(&a, ly->nb[2]);
                 #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++)
@@ -537,7 +629,7 @@ int qatctl_decode(const DecLayer *layers, float *const *kv, const DecDims *d, fl
                         const float g = gu[m * 2 * I + i], u = gu[m * 2 * I + I + i];
                         hb[m * I + i] = f32_to_bf16(g / (1.0f + exp_f(-g)) * u);
                     }
-                a = (I4Args){hb, ly->w[3], ly->s[3], out, M, H, I, d->G, scratch};
+                a = (I4Args){hb, ly->w[3], ly->s[3], out, M, H, I, d->G, scratch, ly->wd[3]};
                 i4_run(&a, ly->nb[3]);
                 #pragma omp for schedule(dynamic)
                 for (int64_t m = 0; m < M; m++)

@@ -171,7 +171,7 @@ class GRPOLoop:
         if self.s.kl_coef > 0 and rows:
             with self.compute(self.reference):
                 ref, _ = train_logprobs(self.reference, [r["prompt_ids"] for r in rows],
-                                        [r["output_ids"] for r in rows])
+                                        [r["output_ids"] for r in rows], pad_id=self.pad_id)
             for r, lp in zip(rows, ref, strict=True):
                 r["ref_logprobs"] = lp
         return self._mismatch(rows) if policy else {}
@@ -201,8 +201,20 @@ class GRPOLoop:
                     raise QatctlError(
                         f"--true-on-policy: iteration {self.iteration}, prompt {r['prompt_index']} sample "
                         f"{r['sample']}, completion token {j} (id {r['output_ids'][j]}): the trainer's logprob "
-                        f"{a!r} differs from the rollout's {b!r} (engine {self.engine.kernel}; the engine's "
-                        "prefill and decode paths disagree here: a bug, please report it)", exit_code=1)
+                        f"{a!r} differs from the rollout's {b!r} ({self._divergence(r, j)}; engine "
+                        f"{self.engine.kernel}; a bug, please report it)", exit_code=1)
+
+    def _divergence(self, r, j: int) -> str:
+        """The layer path where the engine's prefill and decode first differ for token j of row r."""
+        trace = getattr(self.engine, "trace_divergence", None)
+        ids = list(r["prompt_ids"]) + list(r["output_ids"])
+        where = trace(ids, len(r["prompt_ids"]) - 1 + j) if trace else None
+        if where is not None:
+            return f"prefill and decode first differ at {where}"
+        if trace is None or self.engine.decode_plan is None:
+            return "layer path not traced: the engine has no native step"
+        return ("prefill and decode agree at every layer and the lm_head: the difference is after them "
+                "(log-softmax, or weights that changed between the rollout and this forward)")
 
     def _mismatch(self, rows) -> dict:
         from qatctl.consistency import mismatch_metrics
@@ -345,33 +357,17 @@ def _checked_reward(fn, row) -> float:
 
 
 def _completion_logprobs(model, rows, pad_id: int, device):
-    """Log-probs of each row's completion tokens: (logp [B, T'], log_softmax [B, T', V], completion
-    mask [B, T'], start), position j of the T' columns predicting token start + j + 1.
+    """The rows' completion logprobs by the project's one train-side scoring (consistency.completion_logprobs)."""
+    from qatctl.consistency import completion_logprobs
 
-    Only positions from the earliest completion on get logits (HF's logits_to_keep): the prompt
-    positions' 49k-way log-softmax is work the loss never reads.
-    """
-    ids, mask, comp = _collate(rows, pad_id, device)
-    T = ids.shape[1]
-    start = min(len(r["prompt_ids"]) for r in rows) - 1
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=T - start).logits[:, :-1].float()
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ids[:, start + 1:].unsqueeze(-1)).squeeze(-1)
-    return logp, logp_all, comp[:, start:], start
+    return completion_logprobs(model, [r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows], pad_id,
+                               device)
 
 
 def _store_train_logprobs(rows, logp, start: int) -> None:
     for i, r in enumerate(rows):
         a = len(r["prompt_ids"]) - 1 - start
         r["train_logprobs"] = logp[i, a:a + len(r["output_ids"])].tolist()
-
-
-def _collate(rows, pad_id: int, device):
-    from qatctl.data import collate_completions
-
-    ids, mask, completion = collate_completions([r["prompt_ids"] for r in rows], [r["output_ids"] for r in rows],
-                                                pad_id)
-    return ids.to(device), mask.to(device), completion.to(device)
 
 
 def _padded(values: list[list[float]], rows, T: int):

@@ -88,7 +88,7 @@ class Session:
         from qatctl.engines import load_engine
 
         if c.rollout_precision == "bf16":
-            engine = load_engine(policy.path, weights="bf16", device=c.device)
+            engine = load_engine(policy.path, weights="bf16", device=c.device, exact=c.true_on_policy)
         elif int4 is not None:
             engine = load_engine(int4.path, device=c.device, exact=c.true_on_policy)
         else:  # quantized in memory by the shared converter: the bits convert-int4 would write
