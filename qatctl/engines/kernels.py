@@ -199,20 +199,27 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, group: int, lib=None) -> Int
     return Int4Packed(w, s, N, K, group)
 
 
-def int4_linear(x: torch.Tensor, packed: Int4Packed, lib=None) -> torch.Tensor:
-    """bf16(x) [..., K] @ (q * scale).T -> fp32 [..., N] holding BF16 values."""
+def _linear(name: str, x: torch.Tensor, packed, run, lib) -> torch.Tensor:
+    """x [..., K] through one native linear: run(lib, flat fp32 [M, K], y fp32 [M, N], M, K) fills y
+    and returns nonzero when the kernel could not allocate its BF16 copy of x."""
     lib = lib or _load()
     if lib is None:
         raise RuntimeError("native kernels are unavailable")
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     M, K = flat.shape
     if K != packed.k:
-        raise ValueError(f"int4_linear: input has {K} features, the weight {packed.k}")
+        raise ValueError(f"{name}: input has {K} features, the weight {packed.k}")
     y = torch.empty(M, packed.n, dtype=torch.float32)
-    if M and lib.qatctl_int4_linear(flat.data_ptr(), packed.w.data_ptr(), packed.s.data_ptr(), y.data_ptr(), M,
-                                    packed.n, packed.w.shape[0], K, packed.group, torch.get_num_threads()):
-        raise MemoryError(f"int4_linear: no memory for a [{M}, {K}] BF16 input")
+    if M and run(lib, flat, y, M, K):
+        raise MemoryError(f"{name}: no memory for a [{M}, {K}] BF16 input")
     return y.reshape(*x.shape[:-1], packed.n)
+
+
+def int4_linear(x: torch.Tensor, packed: Int4Packed, lib=None) -> torch.Tensor:
+    """bf16(x) [..., K] @ (q * scale).T -> fp32 [..., N] holding BF16 values."""
+    return _linear("int4_linear", x, packed, lambda lib, flat, y, M, K: lib.qatctl_int4_linear(
+        flat.data_ptr(), packed.w.data_ptr(), packed.s.data_ptr(), y.data_ptr(), M, packed.n, packed.w.shape[0], K,
+        packed.group, torch.get_num_threads()), lib)
 
 
 @dataclass(frozen=True)
@@ -242,18 +249,9 @@ def pack_dense_bf16(w: torch.Tensor) -> DensePacked:
 
 def w16a16_linear(x: torch.Tensor, packed: DensePacked, lib=None) -> torch.Tensor:
     """bf16(x) [..., K] @ w.T, fp32 chains as int4_linear's, rounded to BF16 -> fp32 [..., N]."""
-    lib = lib or _load()
-    if lib is None:
-        raise RuntimeError("native kernels are unavailable")
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-    M, K = flat.shape
-    if K != packed.k:
-        raise ValueError(f"w16a16_linear: input has {K} features, the weight {packed.k}")
-    y = torch.empty(M, packed.n, dtype=torch.float32)
-    if M and lib.qatctl_w16a16_linear(flat.data_ptr(), packed.wd.data_ptr(), y.data_ptr(), M, packed.n,
-                                      packed.wd.shape[0], K, torch.get_num_threads()):
-        raise MemoryError(f"w16a16_linear: no memory for a [{M}, {K}] BF16 input")
-    return y.reshape(*x.shape[:-1], packed.n)
+    return _linear("w16a16_linear", x, packed, lambda lib, flat, y, M, K: lib.qatctl_w16a16_linear(
+        flat.data_ptr(), packed.wd.data_ptr(), y.data_ptr(), M, packed.n, packed.wd.shape[0], K,
+        torch.get_num_threads()), lib)
 
 
 class _DecLayer(ctypes.Structure):

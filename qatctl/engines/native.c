@@ -127,6 +127,18 @@ static inline __m512 bf16x16(const uint16_t *p) {  /* 16 BF16 numbers -> fp32 */
 #define I4_BIG_CB 2
 #define I4_SMALL_CB 4
 #define I4_LAYOUT 1
+/* Both AVX512-BF16 blocks: pair p's vdpbf16ps for R rows x CB blocks, and the stores */
+#define AVX512_PAIR_DOTS(R, CB)                                                                                  \
+    for (int r = 0; r < R; r++) {                                                                                \
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[(m0 + r) * KP + p]);                                  \
+        for (int c = 0; c < CB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, w[c]);                          \
+    }
+#define AVX512_STORE(R, CB)                                                                                      \
+    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
+        float t[16];                                                                                             \
+        _mm512_storeu_ps(t, acc[r][c]);                                                                          \
+        i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
+    }
 /* Layout 1 (this path's packing): byte i of pair p holds in its low nibble q + 8 of column i/2 and
    in its high nibble that of column 8 + i/2, at k = 2p + i%2. Looked up as floats and times the
    columns' scales (each scale in two adjacent lanes), the low and the high nibbles are the two
@@ -155,17 +167,10 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
                 w[c] = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), shi[c]), \
                                            _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), slo[c]));                \
             }                                                                                                    \
-            for (int r = 0; r < R; r++) {                                                                        \
-                const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[(m0 + r) * KP + p]);                          \
-                for (int c = 0; c < CB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, w[c]);                  \
-            }                                                                                                    \
+            AVX512_PAIR_DOTS(R, CB)                                                                              \
         }                                                                                                        \
     }                                                                                                            \
-    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
-        float t[16];                                                                                             \
-        _mm512_storeu_ps(t, acc[r][c]);                                                                          \
-        i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
-    }                                                                                                            \
+    AVX512_STORE(R, CB)                                                                                          \
 }
 #define D16_BLOCK(R, CB)                                                                                         \
 static void d16_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {                                     \
@@ -176,16 +181,9 @@ static void d16_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {    
     for (int64_t p = 0; p < KP; p++) {                                                                           \
         __m512bh w[CB];                                                                                          \
         for (int c = 0; c < CB; c++) w[c] = (__m512bh)_mm512_loadu_si512((const void *)D16_PAIRS(a, nb0 + c, p)); \
-        for (int r = 0; r < R; r++) {                                                                            \
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[(m0 + r) * KP + p]);                              \
-            for (int c = 0; c < CB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, w[c]);                      \
-        }                                                                                                        \
+        AVX512_PAIR_DOTS(R, CB)                                                                                  \
     }                                                                                                            \
-    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
-        float t[16];                                                                                             \
-        _mm512_storeu_ps(t, acc[r][c]);                                                                          \
-        i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
-    }                                                                                                            \
+    AVX512_STORE(R, CB)                                                                                          \
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define QATCTL_INT4_ISA "avx2+fma"
@@ -193,6 +191,21 @@ static inline __m256 bf16x8(const uint16_t *p) {  /* 8 BF16 numbers -> fp32 */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 #define I4_LAYOUT 0
+/* Both AVX2 blocks: pair p's chain step for R rows x CB blocks (odd, then even), and the stores */
+#define AVX2_PAIR_FMAS(R, CB)                                                                                    \
+    for (int r = 0; r < R; r++) {                                                                                \
+        const __m256 xe = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p]));                              \
+        const __m256 xo = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p + 1]));                           \
+        for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++)                                                 \
+            acc[r][c][h] = _mm256_fmadd_ps(xe, we[c][h], _mm256_fmadd_ps(xo, wo[c][h], acc[r][c][h]));           \
+    }
+#define AVX2_STORE(R, CB)                                                                                        \
+    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
+        float t[16];                                                                                             \
+        _mm256_storeu_ps(t, acc[r][c][0]);                                                                       \
+        _mm256_storeu_ps(t + 8, acc[r][c][1]);                                                                   \
+        i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
+    }
 #define I4_BIG_R 2
 #define I4_BIG_CB 2
 #define I4_SMALL_CB 4
@@ -225,20 +238,10 @@ static void i4_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {     
                     wo[c][h] = round_bf16_256(_mm256_mul_ps(qo, s[c][h]));                                       \
                 }                                                                                                \
             }                                                                                                    \
-            for (int r = 0; r < R; r++) {                                                                        \
-                const __m256 xe = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p]));                      \
-                const __m256 xo = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p + 1]));                   \
-                for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++)                                         \
-                    acc[r][c][h] = _mm256_fmadd_ps(xe, we[c][h], _mm256_fmadd_ps(xo, wo[c][h], acc[r][c][h]));   \
-            }                                                                                                    \
+            AVX2_PAIR_FMAS(R, CB)                                                                                \
         }                                                                                                        \
     }                                                                                                            \
-    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
-        float t[16];                                                                                             \
-        _mm256_storeu_ps(t, acc[r][c][0]);                                                                       \
-        _mm256_storeu_ps(t + 8, acc[r][c][1]);                                                                   \
-        i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
-    }                                                                                                            \
+    AVX2_STORE(R, CB)                                                                                            \
 }
 #define D16_BLOCK(R, CB)                                                                                         \
 static void d16_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {                                     \
@@ -254,19 +257,9 @@ static void d16_block_##R##_##CB(const I4Args *a, int64_t m0, int64_t nb0) {    
             we[c][h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                                            \
             wo[c][h] = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));                                           \
         }                                                                                                        \
-        for (int r = 0; r < R; r++) {                                                                            \
-            const __m256 xe = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p]));                          \
-            const __m256 xo = _mm256_set1_ps(bf16_to_f32(a->x[(m0 + r) * K + 2 * p + 1]));                       \
-            for (int c = 0; c < CB; c++) for (int h = 0; h < 2; h++)                                             \
-                acc[r][c][h] = _mm256_fmadd_ps(xe, we[c][h], _mm256_fmadd_ps(xo, wo[c][h], acc[r][c][h]));       \
-        }                                                                                                        \
+        AVX2_PAIR_FMAS(R, CB)                                                                                    \
     }                                                                                                            \
-    for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) {                                                   \
-        float t[16];                                                                                             \
-        _mm256_storeu_ps(t, acc[r][c][0]);                                                                       \
-        _mm256_storeu_ps(t + 8, acc[r][c][1]);                                                                   \
-        i4_store(a, m0 + r, (nb0 + c) * 16, t);                                                                  \
-    }                                                                                                            \
+    AVX2_STORE(R, CB)                                                                                            \
 }
 #else
 #define QATCTL_INT4_ISA "portable C"
