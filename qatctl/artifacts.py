@@ -42,6 +42,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_input(path, kind: str) -> dict:
+    """A plain input file's manifest entry (path, kind, content digest); a missing file is the
+    user's one-line error naming it."""
+    if not Path(path).is_file():
+        raise QatctlError(f"{path}: no such file ({kind})")
+    return {"path": str(path), "kind": kind, "digest": sha256_file(Path(path))}
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A complete artifact read from disk."""

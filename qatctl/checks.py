@@ -20,3 +20,16 @@ def finite(name: str, value, lo: float | None = None, hi: float | None = None, l
     if hi is not None and v > hi:
         raise QatctlError(f"{name} {value}: must be <= {hi:g}")
     return v
+
+
+def at_least(minimum: int, **flags) -> None:
+    """Each integer option (its flag name, underscores for dashes: max_new_tokens=5) is >= minimum;
+    None means unset and passes. The error names the first that is not."""
+    for name, value in flags.items():
+        if value is not None and value < minimum:
+            raise QatctlError(f"--{name.replace('_', '-')} {value}: must be >= {minimum}")
+
+
+def fields_at_least(config, minimum: int, *names: str) -> None:
+    """at_least over a stage config's fields (named as their flags)."""
+    at_least(minimum, **{n: getattr(config, n) for n in names})

@@ -418,12 +418,11 @@ def accuracy(
     def measure(_):
         from qatctl import data
         from qatctl.artifacts import read_artifact
+        from qatctl.checks import at_least, finite
         from qatctl.engines import load_engine
         from qatctl.rl import rewards
 
-        if limit is not None and limit < 1:
-            raise QatctlError(f"--limit {limit}: must be >= 1")
-        from qatctl.checks import finite
+        at_least(1, limit=limit)
 
         finite("--max-new-tokens", max_new_tokens, lo=1, hi=4096)
         art = read_artifact(model, ("int4-checkpoint", "qat-checkpoint"))

@@ -39,6 +39,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path):
+    """A JSON file's value; a missing or malformed file is the user's one-line error naming it."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

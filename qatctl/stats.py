@@ -14,7 +14,6 @@ Rewards must be 0/1 for McNemar (exact match); other rewards get the bootstrap C
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -58,12 +57,9 @@ def paired_compare(a: list[float], b: list[float], bootstrap: int = 10000, seed:
 
 def read_scored(path: Path) -> dict:
     """An `qatctl accuracy --json` output: {index: reward} of its per-problem samples, and its prompt set."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise QatctlError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QatctlError(f"{path}: not valid JSON ({e})") from None
+    from qatctl.safeio import read_json
+
+    obj = read_json(Path(path))
     samples = obj.get("samples") if isinstance(obj, dict) else None
     if not isinstance(samples, list) or not samples:
         raise QatctlError(f"{path}: has no per-problem 'samples' (write it with `qatctl accuracy --json`)")

@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qatctl.artifacts import OutputDir, read_artifact, sha256_file
+from qatctl.artifacts import OutputDir, file_input, read_artifact
 from qatctl.errors import QatctlError
 
 STAGE, KIND = "eval-consistency", "report"
@@ -64,12 +64,9 @@ def _validate(c: EvalConsistencyConfig) -> None:
         raise QatctlError("INFER_CKPT is required (or pass --ablation to build the arms from TRAIN_CKPT)")
     if c.ablation and (c.rollouts is not None or c.engine_url is not None):
         raise QatctlError("--ablation generates its own rollouts on the embedded engine; drop --rollouts/--engine-url")
-    for name in ("limit", "samples_per_prompt"):
-        if getattr(c, name) < 1:
-            raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
-    if c.max_new_tokens < 1:
-        raise QatctlError(f"--max-new-tokens {c.max_new_tokens}: must be >= 1")
-    from qatctl.checks import finite
+    from qatctl.checks import fields_at_least, finite
+
+    fields_at_least(c, 1, "limit", "samples_per_prompt", "max_new_tokens")
 
     finite("--temperature", c.temperature, lo=0.0, hi=1e4)
     if c.max_abs_diff is not None:
@@ -93,9 +90,7 @@ def run(config: EvalConsistencyConfig) -> dict:
     inputs = [train.as_input()] + ([infer.as_input()] if infer else [])
     for p, kind in ((config.prompts, "prompts"), (config.rollouts, "rollouts-file")):
         if p is not None:
-            if not Path(p).is_file():
-                raise QatctlError(f"{p}: no such file")
-            inputs.append({"path": str(p), "kind": kind, "digest": sha256_file(Path(p))})
+            inputs.append(file_input(p, kind))
     out = OutputDir(config.out, stage=STAGE, kind=KIND, config=config.recorded(), inputs=inputs, force=config.force)
     if (done := out.up_to_date()) is not None:
         return _gate({**done, "up_to_date": True}, config)

@@ -28,7 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qatctl.artifacts import OutputDir, read_artifact, sha256_file
+from qatctl.artifacts import OutputDir, file_input, read_artifact
+from qatctl.engines import ROLLOUT_WIDTH
 from qatctl.errors import QatctlError
 from qatctl.rl.settings import PROMPT_ORDERS, GRPOSettings
 
@@ -55,7 +56,7 @@ class RlStepConfig(GRPOSettings):
     allow_stale_rollout_model: bool = False  # accept an int4-checkpoint made from another policy
     deepspeed: Path | None = None  # same DeepSpeed backend as train-sft-qat
     device: str = "auto"
-    max_batch: int = 64  # rollouts decoding at once on the embedded engine (serve's --max-batch): speed only
+    max_batch: int = ROLLOUT_WIDTH  # rollouts decoding at once on the embedded engine (serve's --max-batch): speed only
     compute_dtype: str = "auto"  # training matmuls: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (autocast)
     resume: bool = True  # continue a killed run from OUT.partial/state
     force: bool = False
@@ -76,10 +77,10 @@ def _validate(c: RlStepConfig) -> None:
 
     if c.loss != "grpo":
         raise QatctlError(f"--loss {c.loss!r}: only grpo is available")
-    for name in ("iterations", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch",
-                 "mini_batches", "max_sampling_rounds"):
-        if getattr(c, name) < 1:
-            raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
+    from qatctl.checks import fields_at_least
+
+    fields_at_least(c, 1, "iterations", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "micro_batch",
+                    "mini_batches", "max_sampling_rounds")
     if not 1 <= c.max_batch <= 4096:
         raise QatctlError(f"--max-batch {c.max_batch}: must be between 1 and 4096")
     if c.engine_url and c.max_batch != RlStepConfig.max_batch:
@@ -156,7 +157,7 @@ def run(config: RlStepConfig) -> dict:
     stale = _check_rollout_model(policy, int4, config.allow_stale_rollout_model) if int4 else False
     reference = read_artifact(config.reference, "qat-checkpoint") if config.reference else None
     inputs = [policy.as_input()] + ([int4.as_input()] if int4 else []) + ([reference.as_input()] if reference else [])
-    inputs.append({"path": str(config.prompts), "kind": "prompts", "digest": sha256_file(Path(config.prompts))})
+    inputs.append(file_input(config.prompts, "prompts"))
     out = OutputDir(config.out, stage=STAGE, kind=KIND, config=config.recorded(), inputs=inputs, force=config.force)
     if (done := out.up_to_date()) is not None:
         return {**done, "up_to_date": True}

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qatctl.engines.scheduler import Scheduler
 from qatctl.errors import QatctlError
 
 log = logging.getLogger("qatctl.serve")
@@ -38,8 +39,8 @@ class ServeConfig:
     weights: str = "int4"  # embedded: int4 (4-bit kernel) or fp32 / bf16 dense baselines
     device: str = "auto"  # embedded: auto (CUDA when present), cpu or cuda
     api_key_file: Path | None = None  # the key read from a file (first line), kept out of `ps`
-    max_batch: int = 32  # requests running at once (continuous batching); more wait in a queue
-    max_queue: int = 4096  # requests waiting to join; beyond it a request gets 503
+    max_batch: int = Scheduler.MAX_BATCH  # requests running at once (continuous batching); more wait in a queue
+    max_queue: int = Scheduler.MAX_QUEUE  # requests waiting to join; beyond it a request gets 503
     max_prompts_per_request: int = 1024  # prompts x n in one request
     max_new_tokens_cap: int | None = None  # per-request max_new_tokens limit (default: the model's context)
     max_request_bytes: int = 16 * 2**20  # larger bodies get 413 before they are parsed
@@ -120,13 +121,10 @@ def _validate(config: ServeConfig) -> None:
         raise QatctlError(f"--device {config.device!r}: expected auto, cpu or cuda")
     if not 0 < config.port < 65536:
         raise QatctlError(f"--port {config.port}: expected 1-65535")
-    for flag, value in (("--max-batch", config.max_batch), ("--max-queue", config.max_queue),
-                        ("--max-prompts-per-request", config.max_prompts_per_request),
-                        ("--max-request-bytes", config.max_request_bytes)):
-        if value < 1:
-            raise QatctlError(f"{flag} {value}: must be >= 1")
-    if config.max_new_tokens_cap is not None and config.max_new_tokens_cap < 1:
-        raise QatctlError(f"--max-new-tokens-cap {config.max_new_tokens_cap}: must be >= 1")
+    from qatctl.checks import fields_at_least
+
+    fields_at_least(config, 1, "max_batch", "max_queue", "max_prompts_per_request", "max_request_bytes",
+                    "max_new_tokens_cap")
     if config.backend == "sglang":
         for flag, name in (("--max-queue", "max_queue"), ("--max-prompts-per-request", "max_prompts_per_request"),
                            ("--max-new-tokens-cap", "max_new_tokens_cap"), ("--max-request-bytes", "max_request_bytes"),

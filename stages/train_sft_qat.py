@@ -66,13 +66,11 @@ class TrainSftQatConfig:
 
 
 def _validate(c: TrainSftQatConfig) -> None:
-    for name in ("batch_size", "micro_batch", "max_seq_len", "save_every"):
-        if getattr(c, name) < 1:
-            raise QatctlError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be >= 1")
+    from qatctl.checks import fields_at_least
+
+    fields_at_least(c, 1, "batch_size", "micro_batch", "max_seq_len", "save_every", "steps")
     if c.compute_dtype not in ("auto", "fp32", "bf16"):
         raise QatctlError(f"--compute-dtype {c.compute_dtype!r}: expected auto, fp32 or bf16")
-    if c.steps is not None and c.steps < 1:
-        raise QatctlError(f"--steps {c.steps}: must be >= 1")
     if c.epochs is not None:
         from qatctl.checks import finite as _finite
 
@@ -199,11 +197,9 @@ def run(config: TrainSftQatConfig) -> dict:
 
 
 def _data_input(path: Path) -> dict:
-    from qatctl.artifacts import sha256_file
+    from qatctl.artifacts import file_input
 
-    if not Path(path).is_file():
-        raise QatctlError(f"{path}: no such data file")
-    return {"path": str(path), "kind": "data", "digest": sha256_file(Path(path))}
+    return file_input(path, "data")
 
 
 def _rewrite_metrics(path: Path, history: list) -> None:

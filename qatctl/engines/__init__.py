@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+ROLLOUT_WIDTH = 64  # sequences decoding at once in an embedded engine's generate() (rl-step --max-batch)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

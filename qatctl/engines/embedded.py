@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qatctl.engines import Completion, SamplingParams
+from qatctl.engines import ROLLOUT_WIDTH, Completion, SamplingParams
 from qatctl.engines.batch import token_logprob, token_logprobs
 from qatctl.engines.linears import Bf16Linear, DenseLinear, Int4Linear, RowInvariantLinear
 from qatctl.errors import QatctlError
@@ -125,7 +125,7 @@ class _Weights:
 
 
 class EmbeddedEngine:
-    max_running = 64  # sequences decoding at once in generate() (rl-step --max-batch); the server's scheduler has its own
+    max_running = ROLLOUT_WIDTH  # sequences decoding at once in generate() (rl-step --max-batch); serve's scheduler has its own
 
     def __init__(self, folder: Path, cfg: dict, w: _Weights, tokenizer, eos_ids: set[int], stepwise: bool = False):
         self.folder, self.cfg, self.tokenizer, self.eos_ids = folder, cfg, tokenizer, eos_ids

@@ -51,7 +51,10 @@ class Result:
 
 
 class Scheduler:
-    def __init__(self, engine: BatchingEngine, max_batch: int = 32, max_queue: int = 4096, thread: bool = True):
+    MAX_BATCH, MAX_QUEUE = 32, 4096  # serve's --max-batch and --max-queue defaults
+
+    def __init__(self, engine: BatchingEngine, max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE,
+                 thread: bool = True):
         if max_batch < 1:
             raise QatctlError(f"scheduler: max_batch={max_batch} must be >= 1")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
