@@ -24,6 +24,7 @@ VIEWS = ("fake-int4", "bf16")
 EXACT = "exact fake-int4 (true on-policy)"
 EXACT_BF16 = "exact bf16 (true on-policy)"
 
+
 def vocab_size(ckpt: Path) -> int:
     from qatctl.state import read_json
 
