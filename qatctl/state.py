@@ -207,21 +207,6 @@ def complete_states(root: Path, prefix: str) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True)
 
 
-def commit_state(root: Path, prefix: str, number: int, write, keep: int = 2) -> Path:
-    """write(tmp_folder) then rename it to PREFIX-NNNNNN; keep the newest `keep` folders."""
-    final, tmp = root / f"{prefix}-{number:06d}", root / f"{prefix}-{number:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    write(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for old in complete_states(root, prefix)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def load_newest(root: Path, prefix: str, load) -> tuple[Path, dict] | None:
     """load(folder) on the newest complete state; a corrupt one falls back to the next with a
     warning. None when there is none; an error naming --no-resume when none loads."""

@@ -14,8 +14,8 @@ target weight is fake-quantized at its first use and the cached w_hat serves eve
 micro-batch is exact).
 
 Checkpoints (`save_state` / `load_state`) hold fp32 masters, optimizer, scheduler and RNG
-states as safetensors + JSON (qatctl/state.py: no pickle is ever loaded); a step folder is
-written as `NAME.tmp`, fsynced and renamed, and the last two are kept.
+states as safetensors + JSON (qatctl/state.py: no pickle is ever loaded); the numbered step
+folders, resume and metrics.jsonl of a run live in qatctl/trainrun.py, for both stages.
 
 Memory: a CPU step allocates logits- and embedding-sized tensors (~100 MB each) afresh every
 micro-batch. glibc serves blocks that large with mmap and unmaps them on free, so every step
@@ -31,7 +31,6 @@ import ctypes
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +139,24 @@ def dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def init_distributed() -> None:
+    """The DeepSpeed process group (gloo on CPU, nccl on CUDA), once per process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def barrier() -> None:
+    """All ranks meet here (nothing without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def keep_freed_memory() -> bool:
     """Make glibc malloc reuse freed large blocks instead of unmapping them (see the module doc).
 
@@ -201,7 +218,9 @@ class Trainer:
         lr = self.lr()
         total, infos = 0.0, []
         with parametrize.cached():
-            for mb in self.shard(micro_batches):
+            mine = self.shard(micro_batches)
+            for i, mb in enumerate(mine):
+                self._micro_batch(i, len(mine))
                 with self.compute():
                     loss, info = loss_fn(self.forward_module, mb)
                 if not torch.isfinite(loss.detach()).all():
@@ -214,6 +233,9 @@ class Trainer:
         grad_norm = self._update()
         self.steps_done += 1
         return {"loss": self.reduce_sum(total), "grad_norm": grad_norm, "lr": lr, "infos": infos}
+
+    def _micro_batch(self, index: int, count: int) -> None:
+        """Before micro-batch `index` of this rank's `count` in one step."""
 
     def _backward(self, loss):
         loss.backward()
@@ -237,6 +259,10 @@ class Trainer:
     def gather_weights(self):
         """After the last step: the model with every parameter whole (every rank must call it)."""
         return self.model
+
+    def full_weights(self):
+        """Context in which every parameter is whole, between steps (every rank enters it)."""
+        return contextlib.nullcontext()
 
     def barrier(self) -> None:
         pass
@@ -275,16 +301,13 @@ class DeepSpeedTrainer(Trainer):
         except ImportError:
             raise QatctlError("--deepspeed: the deepspeed package is not installed "
                               "(pip install 'qatctl[deepspeed]' with DS_BUILD_OPS=0)") from None
-        import torch.distributed as dist
-
         self.rank, self.world = dist_env()
         if micro_batches_per_step % self.world:
             raise QatctlError(f"--deepspeed: {micro_batches_per_step} micro-batches per step do not split over "
                               f"{self.world} ranks (make batch_size a multiple of micro_batch x ranks)")
         gas = micro_batches_per_step // self.world
         ds_config = _deepspeed_config(config_path, micro_batch, gas, self.world, settings.max_grad_norm)
-        if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed()
         super().__init__(model, settings, total_steps, micro_batches_per_step)
         self.rank, self.world = dist_env()  # the base class set the single-process values
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -301,6 +324,12 @@ class DeepSpeedTrainer(Trainer):
         # engine(...) hooks the loss so engine.backward runs DeepSpeed's backward prologue
         # (ZeRO-3 accumulation boundary); calling the bare module skips it.
         return self.engine
+
+    def _micro_batch(self, index: int, count: int) -> None:
+        # The step's last micro-batch is the accumulation boundary, however many there are: an
+        # rl-step iteration trains as many as its informative groups fill (the engine divides each
+        # loss by its configured accumulation steps, which `scale` undoes).
+        self.engine.set_gradient_accumulation_boundary(index + 1 == count)
 
     def _backward(self, loss):
         self.engine.backward(loss * self.scale)
@@ -332,6 +361,13 @@ class DeepSpeedTrainer(Trainer):
             self._gathered = contextlib.ExitStack()
             self._gathered.enter_context(deepspeed.zero.GatheredParameters(list(self.model.parameters())))
         return self.model
+
+    def full_weights(self):
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
 
     def save_state(self, folder: Path, meta: dict) -> None:
         # Every rank writes its ZeRO partition through DeepSpeed's checkpoint code, stored as
@@ -384,87 +420,3 @@ def make_trainer(model, settings: OptimSettings, total_steps: int, batch_size: i
     if deepspeed_config is None:
         return Trainer(model, settings, total_steps, n_micro)
     return DeepSpeedTrainer(model, settings, total_steps, n_micro, deepspeed_config, micro_batch)
-
-
-# ---------------------------------------------------------------- step folders
-
-def save_step(trainer: Trainer, root: Path, step: int, meta: dict, keep: int = 2) -> Path:
-    """Write step-NNNNNN atomically (tmp folder, rename) and keep the newest `keep` (a corrupt
-    newest one then falls back to the one before: state.load_newest)."""
-    final = root / f"step-{step:06d}"
-    tmp = root / f"step-{step:06d}.tmp"
-    if trainer.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    trainer.barrier()
-    trainer.save_state(tmp, meta)
-    if trainer.is_main:
-        if final.exists():  # a corrupt state of this number that resume fell back past
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        state.fsync_dir(root)
-        for p in state.complete_states(root, "step")[keep:]:
-            shutil.rmtree(p, ignore_errors=True)
-    trainer.barrier()
-    return final
-
-
-def sft_loss(model, mb):
-    """Token cross-entropy on trained tokens, summed and divided by the step's trained-token count."""
-    import torch.nn.functional as F
-
-    ids, labels, mask, step_tokens = mb
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    target = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss / step_tokens, {"tokens": int(mask.sum())}
-
-
-class RankedPartial:
-    """`with RankedPartial(out, trainer) as tmp`: rank 0 owns OUT.partial (kept for resume);
-    other ranks write their ZeRO shards into it."""
-
-    def __init__(self, out, trainer):  # out: an artifacts.OutputDir
-        self.out, self.trainer, self.ctx = out, trainer, None
-
-    def __enter__(self) -> Path:
-        if self.trainer.is_main:
-            self.ctx = self.out.building(resume=True)
-            path = self.ctx.__enter__()
-        self.trainer.barrier()
-        return path if self.trainer.is_main else self.out.partial
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx else False
-
-
-def resume_steps(trainer, state_root: Path, resume: bool) -> tuple[list, int]:
-    """(metrics history, first step) from the newest loadable step folder under state_root, or
-    ([], 0) with the folder cleared when there is none (or resume is off)."""
-    from qatctl.ui import console
-
-    final = state.final_state(state_root.parent) if trainer.backend == "torch" else None
-    if resume and final is not None:  # training had finished; the kill came during the final save
-        try:
-            meta = trainer.load_state(final, require=("step",))
-            history = [json.loads(ln) for ln in (state_root.parent / "metrics.jsonl").read_text().splitlines()]
-        except (QatctlError, OSError, ValueError) as e:
-            console.print(f"[yellow]warning:[/] {final} does not load ({e}); resuming from the step states")
-            shutil.rmtree(final)
-        else:
-            console.print(f"resuming from {final} (training finished at step {meta['step']}; writing the output)")
-            return history, meta["step"]
-    if not resume and trainer.is_main:
-        shutil.rmtree(state_root.parent / state.TRAINER_STATE, ignore_errors=True)
-    found = state.load_newest(state_root, "step", lambda f: trainer.load_state(f, require=("step", "history"))) \
-        if resume else None
-    if found is None:
-        if state_root.exists() and trainer.is_main:
-            shutil.rmtree(state_root, ignore_errors=True)
-        trainer.barrier()
-        return [], 0
-    folder, meta = found
-    if trainer.is_main:
-        console.print(f"resuming from {folder} (step {meta['step']})")
-    return meta["history"], meta["step"]

@@ -112,8 +112,6 @@ def _validate(c: RlStepConfig) -> None:
         raise QatctlError(f"{c.prompts}: no such prompts file")
     if c.true_on_policy:
         _validate_true_on_policy(c)
-    if c.deepspeed is not None and (c.mini_batches != 1 or c.iterations != 1):
-        raise QatctlError("--deepspeed runs one iteration with --mini-batches 1 per process (chain rl-steps)")
 
 
 def _validate_true_on_policy(c: RlStepConfig) -> None:
@@ -165,20 +163,19 @@ def run(config: RlStepConfig) -> dict:
     from qatctl import data, models
     from qatctl.quant import QuantScheme
     from qatctl.rl import session as rlrun
+    from qatctl.trainrun import RankedPartial
 
     scheme = QuantScheme.from_manifest(policy.manifest.get("quant") or {}, f"{config.policy}/qatctl.json")
     tokenizer = models.load_tokenizer(config.policy)
     prompts = data.load_prompts(config.prompts, tokenizer, need_answer=config.reward in rewards.BUILTIN_REWARDS)
     session = rlrun.Session(config, policy, int4, reference, scheme, tokenizer, prompts, reward_fn)
-    if not session.is_main:  # DeepSpeed: rank 0 owns OUT.partial and writes the artifact
-        session.run(None)
-        session.save_policy(None)
-        session.barrier()
-        return {"status": "complete", "rank": session.rank}
-    with out.building(resume=True) as tmp:
+    with RankedPartial(out, session) as tmp:  # DeepSpeed: rank 0 owns OUT.partial and writes the artifact
         metrics = session.run(tmp)
         t = time.perf_counter()
         trainer_state = session.save_policy(tmp)
+        if not session.is_main:
+            session.barrier()
+            return {"status": "complete", "rank": session.rank}
         metrics["seconds_save"] = round(time.perf_counter() - t, 3)
         metrics["stale_rollout_model"] = stale
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))

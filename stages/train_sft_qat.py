@@ -19,10 +19,7 @@ uninterrupted run on CPU.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,87 +109,29 @@ def run(config: TrainSftQatConfig) -> dict:
     examples = data.load_sft(config.data, tokenizer, config.max_seq_len)  # bad lines fail before weights load
     total = config.steps or max(1, math.ceil((config.epochs or 1.0) * len(examples) / config.batch_size))
 
-    import torch
+    from qatctl.sft import SftSession, SftSettings
+    from qatctl.train import OptimSettings
+    from qatctl.trainrun import RankedPartial
 
-    from qatctl import models
-    from qatctl.train import (
-        OptimSettings,
-        RankedPartial,
-        device_and_dtype,
-        dist_env,
-        make_trainer,
-        resume_steps,
-        save_step,
-        sft_loss,
-    )
-
-    device, dtype = device_and_dtype(config.device)
-    torch.manual_seed(config.seed)
-    model, _ = models.load_checkpoint(config.ckpt, dtype=dtype)
-    model.to(device).train()
-    fake_quant = not config.no_fake_quant
-    n_targets = models.apply_fake_quant(model, scheme) if fake_quant else 0
-    settings = OptimSettings(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-                             min_lr_ratio=config.min_lr_ratio, max_grad_norm=config.max_grad_norm,
-                             compute_dtype=config.compute_dtype)
-    trainer = make_trainer(model, settings, total, config.batch_size, config.micro_batch, config.deepspeed)
-    from qatctl import state
-
-    optimizer = trainer.optimizer if trainer.backend == "torch" else None  # DeepSpeed keeps its own
-    continued = state.continue_from(src, model, None if config.reset_optimizer else optimizer)
-    rank, _ = dist_env()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def batches(step: int):
-        return data.sft_step_batches(examples, step, config.batch_size, config.micro_batch, config.seed, pad_id, device)
-
-    with RankedPartial(out, trainer) as tmp:
-        state_root = tmp / "state"
-        history, start = resume_steps(trainer, state_root, config.resume)
-        if trainer.is_main:
-            _rewrite_metrics(tmp / "metrics.jsonl", history)
-        t_start = time.perf_counter()
-        wall_before = history[-1]["wall_seconds"] if history else 0.0
-        from qatctl.ui import progress
-
-        with progress(transient=False) as bar:
-            task = bar.add_task("train-sft-qat", total=total, completed=start, info="")
-            for step in range(start, total):
-                qat_on = fake_quant and step >= config.fake_quant_after
-                models.set_fake_quant(trainer.model, qat_on)
-                t0 = time.perf_counter()
-                stats = trainer.step(batches(step), sft_loss)
-                dt = time.perf_counter() - t0
-                tokens = trainer.reduce_sum(sum(i["tokens"] for i in stats["infos"]))
-                row = {"step": step + 1, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                       "tokens": int(tokens), "tokens_per_s": tokens / dt, "fake_quant": qat_on,
-                       "wall_seconds": wall_before + time.perf_counter() - t_start}
-                history.append(row)
-                if trainer.is_main:
-                    with open(tmp / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                bar.update(task, advance=1, info=f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                                                 f"{row['tokens_per_s']:.0f} tok/s")
-                if (step + 1) % config.save_every == 0 and step + 1 < total:
-                    save_step(trainer, state_root, step + 1, {"step": step + 1, "history": history})
-        model = trainer.gather_weights()
-        if not trainer.is_main:
-            trainer.barrier()
-            return {"status": "complete", "rank": rank}
-        # trainer_state/ first (atomic: from then on a rerun after a kill resumes from it and
-        # trains nothing), the step states after it, the checkpoint last.
-        trainer_state = state.write_trainer_state(tmp, model, optimizer, {"step": total})
-        if trainer.backend == "torch":
-            shutil.rmtree(state_root, ignore_errors=True)
-        models.remove_fake_quant(model)
-        models.save_checkpoint(model, tokenizer, tmp)
-        shutil.rmtree(state_root, ignore_errors=True)
-        metrics = {**_summary(history, examples, n_targets, trainer), "continued_from": continued}
-        manifest = out.commit(tmp, quant=scheme.to_manifest(), metrics=metrics,
-                              extra={"training": {"fake_quant": fake_quant,
-                                                  "fake_quant_after": config.fake_quant_after},
+    c = config
+    settings = SftSettings(steps=total, batch_size=c.batch_size, micro_batch=c.micro_batch, seed=c.seed,
+                           fake_quant=not c.no_fake_quant, fake_quant_after=c.fake_quant_after,
+                           save_every=c.save_every, resume=c.resume, reset_optimizer=c.reset_optimizer,
+                           deepspeed=c.deepspeed, device=c.device)
+    optim = OptimSettings(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
+                          min_lr_ratio=c.min_lr_ratio, max_grad_norm=c.max_grad_norm, compute_dtype=c.compute_dtype)
+    session = SftSession(settings, optim, src, scheme, tokenizer, examples)
+    with RankedPartial(out, session.trainer) as tmp:
+        history = session.run(tmp)
+        trainer_state = session.save_policy(tmp)
+        if not session.is_main:
+            session.barrier()
+            return {"status": "complete", "rank": session.rank}
+        manifest = out.commit(tmp, quant=scheme.to_manifest(), metrics=session.summary(history),
+                              extra={"training": {"fake_quant": settings.fake_quant,
+                                                  "fake_quant_after": c.fake_quant_after},
                                      "trainer_state": trainer_state})
-    trainer.barrier()
+    session.barrier()
     return manifest
 
 
@@ -200,21 +139,3 @@ def _data_input(path: Path) -> dict:
     from qatctl.artifacts import file_input
 
     return file_input(path, "data")
-
-
-def _rewrite_metrics(path: Path, history: list) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in history))
-
-
-def _summary(history: list, examples, n_targets: int, trainer) -> dict:
-    losses = [r["loss"] for r in history]
-    tokens = sum(r["tokens"] for r in history)
-    step_seconds = [r["tokens"] / r["tokens_per_s"] for r in history if r["tokens_per_s"] > 0]
-    return {
-        "steps": len(history), "examples": len(examples), "truncated_examples": sum(e.truncated for e in examples),
-        "first_loss": losses[0], "final_loss": losses[-1], "loss_curve": losses,
-        "tokens": tokens, "tokens_per_s": tokens / sum(step_seconds) if step_seconds else None,
-        "wall_seconds": history[-1]["wall_seconds"], "fake_quant_targets": n_targets,
-        "fake_quant_steps": sum(r["fake_quant"] for r in history), "backend": trainer.backend,
-        "world_size": trainer.world, "threads": __import__("torch").get_num_threads(),
-    }

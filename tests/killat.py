@@ -29,7 +29,7 @@ def hit():
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-from qatctl import models, state, train  # noqa: E402
+from qatctl import models, state, trainrun  # noqa: E402
 
 if point == "trainer_state":
     write_json = state._write_json
@@ -57,20 +57,15 @@ elif point == "manifest":
         return replace(src, dst, *a, **k)
 
     os.replace = _replace
-elif point == "step-saved":
-    save_step, commit_state = train.save_step, state.commit_state
+elif point == "step-saved":  # after a resume state of train-sft-qat or rl-step is in place
+    save_step = trainrun.save_step
 
     def _save_step(*a, **k):
         out = save_step(*a, **k)
         hit()
         return out
 
-    def _commit_state(*a, **k):
-        out = commit_state(*a, **k)
-        hit()
-        return out
-
-    train.save_step, state.commit_state = _save_step, _commit_state
+    trainrun.save_step = _save_step
 else:
     raise SystemExit(f"unknown kill point {point!r}")
 

@@ -252,12 +252,13 @@ def test_corrupt_newest_state_falls_back_then_names_no_resume(inputs, tmp_path, 
     from qatctl import models, state
     from qatctl.errors import QatctlError
     from qatctl.train import OptimSettings, make_trainer
+    from qatctl.trainrun import save_step
 
     model, _ = models.load_checkpoint(inputs / "good")
     trainer = make_trainer(model, OptimSettings(), 4, 1, 1)
     root = tmp_path / "state"
     for step in (1, 2, 3):
-        state.commit_state(root, "step", step, lambda f, step=step: trainer.save_state(f, {"step": step}))
+        save_step(trainer, root, step, {"step": step})
     assert [p.name for p in state.complete_states(root, "step")] == ["step-000003", "step-000002"]  # two kept
     masters = root / "step-000003" / state.MASTERS
     masters.write_bytes(masters.read_bytes()[:100])

@@ -39,7 +39,8 @@ def test_trainer_step_sees_fake_quant_and_updates_masters(tiny):
     the STE gradient reaches and moves the fp32 masters."""
     from qatctl import data, models
     from qatctl.quant import QuantScheme
-    from qatctl.train import OptimSettings, make_trainer, sft_loss
+    from qatctl.sft import sft_loss
+    from qatctl.train import OptimSettings, make_trainer
 
     scheme = QuantScheme()
     model, tok = models.load_checkpoint(tiny)

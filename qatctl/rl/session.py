@@ -12,20 +12,34 @@ Files it keeps in the output folder while it runs (OUT.partial):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-from qatctl import models, state
+from qatctl import models
 from qatctl.errors import QatctlError
 from qatctl.rl.loop import GRPOLoop, rollout_tensors
 from qatctl.state import continue_from
-from qatctl.train import OptimSettings, compute_context, device_and_dtype, dist_env, make_trainer, resolve_compute_dtype
+from qatctl.train import (
+    OptimSettings,
+    barrier,
+    compute_context,
+    device_and_dtype,
+    dist_env,
+    init_distributed,
+    make_trainer,
+    resolve_compute_dtype,
+)
+from qatctl.trainrun import TrainingRun
 
 
 class Session:
     def __init__(self, c, policy, int4, reference, scheme, tokenizer, prompts, reward_fn):
         self.c, self.scheme, self.tokenizer = c, scheme, tokenizer
         self.rank, self.world = dist_env() if c.deepspeed else (0, 1)
+        if c.deepspeed is not None:  # ranks meet before the DeepSpeed engine exists (OUT.partial)
+            _deepspeed_env()
+            init_distributed()
         self.fake_quant = not c.no_fake_quant and c.rollout_precision == "int4"
         self.device, dtype = device_and_dtype(c.device)
         model, _ = models.load_checkpoint(policy.path, dtype=dtype)
@@ -66,8 +80,7 @@ class Session:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.trainer is not None:
-            self.trainer.barrier()
+        barrier()  # the process group exists before the trainer (init_distributed)
 
     def _trainer_for(self, n_micro: int):
         if self.trainer is None:
@@ -109,7 +122,15 @@ class Session:
     def _refresh(self, model) -> None:
         """--true-on-policy between two optimizer steps of one iteration: the engine takes the policy
         as it is now (in memory, as a sync), so its forward gives the updated policy's logprobs."""
-        self.engine.update_weights(rollout_tensors(model, self.scheme, self.c.rollout_precision))
+        with self._full_weights():
+            tensors = rollout_tensors(model, self.scheme, self.c.rollout_precision)
+        self.engine.update_weights(tensors)
+
+    def _full_weights(self):
+        """ZeRO-3 partitions the masters between steps: a sync reads them whole."""
+        import contextlib
+
+        return self.trainer.full_weights() if self.trainer is not None else contextlib.nullcontext()
 
     def _sync(self, model, iteration: int) -> dict:
         """Push the updated policy to the engine; its parts' seconds: requantize (masters -> BF16
@@ -117,34 +138,47 @@ class Session:
         import time
 
         t = time.perf_counter()
-        tensors = rollout_tensors(model, self.scheme, self.c.rollout_precision)
+        with self._full_weights():
+            tensors = rollout_tensors(model, self.scheme, self.c.rollout_precision)
         t2 = time.perf_counter()
         if not self.c.engine_url:
             self.engine.update_weights(tensors)
             return {"sync_requantize": t2 - t, "sync_load": time.perf_counter() - t2}
         from qatctl.int4format import write_int4_checkpoint
 
-        folder = self.sync_root / f"iter-{iteration:06d}"
-        write_int4_checkpoint(tensors, self.c.policy, folder, self.scheme, note={"iteration": iteration},
-                              stage="rl-step")
-        self.engine.update_weights_from_disk(str(folder.resolve()), weight_version=str(iteration))
-        for old in self.sync_root.glob("iter-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
+        if self.is_main:  # one push; the other DeepSpeed ranks roll out on the server after it
+            folder = self.sync_root / f"iter-{iteration:06d}"
+            write_int4_checkpoint(tensors, self.c.policy, folder, self.scheme, note={"iteration": iteration},
+                                  stage="rl-step")
+            self.engine.update_weights_from_disk(str(folder.resolve()), weight_version=str(iteration))
+            for old in self.sync_root.glob("iter-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
         return {"sync_requantize": t2 - t, "sync_load": time.perf_counter() - t2}
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, tmp: Path | None) -> dict:
-        """All iterations (resuming from tmp/state when a killed run left one); the summary metrics.
-        tmp is None on DeepSpeed ranks other than 0: they train their share and write nothing."""
+    def run(self, tmp: Path) -> dict:
+        """All iterations (resuming from the newest state a killed run left in OUT.partial); the
+        summary metrics. Every DeepSpeed rank runs it (tmp: OUT.partial; ranks other than 0 write
+        only their ZeRO partitions into it)."""
         from qatctl.ui import progress
 
         c, loop = self.c, self.loop
-        history, done = [], 0
-        if tmp is not None:
-            self.sync_root = tmp / "sync"
-            history, done = self._resume(tmp)
+        self.sync_root = tmp / "sync"
+        run = self.run_folder = TrainingRun(tmp, self._trainer_factory(), prefix="iter", counter="done",
+                                            rank=self.rank, require=("iteration", "cursor"))
+        history, done, meta = run.resume(c.resume)
+        if meta:
+            loop.iteration, loop.cursor = meta["iteration"], meta["cursor"]
+            if done < c.iterations:
+                self._sync(self.model, loop.iteration)  # the engine serves the resumed masters
+        if self.is_main:  # rollouts of iterations the resumed state has not seen are drawn again
+            rollouts = tmp / "rollouts.jsonl"
+            kept = [ln for ln in (rollouts.read_text().splitlines() if rollouts.is_file() else [])
+                    if json.loads(ln)["iteration"] <= loop.iteration] if meta else []
+            rollouts.write_text("".join(ln + "\n" for ln in kept))
         with progress(transient=False) as bar:
             task = bar.add_task("rl-step", total=c.iterations, completed=done, info="")
             for j in range(done, c.iterations):
@@ -153,57 +187,21 @@ class Session:
                 rows, metrics = loop.iteration_step()
                 metrics["synced"] = not last
                 history.append(metrics)
-                if tmp is not None:
-                    _append_jsonl(tmp / "metrics.jsonl", [metrics])
-                    _append_jsonl(tmp / "rollouts.jsonl", rows)
-                    if c.save_every and (j + 1) % c.save_every == 0 and not last:
-                        state.commit_state(tmp / "state", "iter", j + 1, lambda f, j=j: state.save_state(
-                            f, self.model, self.trainer.optimizer, meta=self._meta(j + 1, history)))
+                run.record([metrics])
+                run.record(rows, "rollouts.jsonl")
+                if c.save_every and (j + 1) % c.save_every == 0 and not last:
+                    run.save(j + 1, {"iteration": loop.iteration, "cursor": loop.cursor, "history": history})
                 gap = ("0 exact" if metrics.get("mismatch_exact")
                        else f"{metrics['train_rollout_logprob_abs_diff_mean'] or 0:.4f}")
                 bar.update(task, advance=1, info=f"reward {metrics['reward_mean']:.3f}  |dlogp| {gap}")
         return self._summary(history)
 
-    def _meta(self, done: int, history: list) -> dict:
-        return {"done": done, "iteration": self.loop.iteration, "cursor": self.loop.cursor, "history": history}
-
-    def _resume(self, tmp: Path) -> tuple[list, int]:
-        from qatctl.ui import console
-
-        root = tmp / "state"
-        final = state.final_state(tmp) if self.trainer is not None and self.trainer.backend == "torch" else None
-        if self.c.resume and final is not None:  # every iteration ran; the kill came during the final save
-            try:
-                meta = state.load_state(final, self.model, self.trainer.optimizer, require=("iteration", "cursor"))
-                history = [json.loads(ln) for ln in (tmp / "metrics.jsonl").read_text().splitlines()]
-            except (QatctlError, OSError, ValueError) as e:
-                console.print(f"[yellow]warning:[/] {final} does not load ({e}); resuming from the iteration states")
-                shutil.rmtree(final)
-            else:
-                self.loop.iteration, self.loop.cursor = meta["iteration"], meta["cursor"]
-                console.print(f"resuming from {final} (all {len(history)} iterations ran; writing the output)")
-                return history, len(history)
-        if not self.c.resume:
-            shutil.rmtree(final or tmp / state.TRAINER_STATE, ignore_errors=True)
-        found = None
-        if self.c.resume and self.trainer is not None:
-            found = state.load_newest(root, "iter", lambda f: state.load_state(
-                f, self.model, self.trainer.optimizer, require=("done", "iteration", "cursor", "history")))
-        elif root.exists():
-            shutil.rmtree(root)
-        history, done = [], 0
-        if found is not None:
-            folder, meta = found
-            history, done = meta["history"], meta["done"]
-            self.loop.iteration, self.loop.cursor = meta["iteration"], meta["cursor"]
-            self._sync(self.model, self.loop.iteration)  # the engine serves the resumed masters
-            console.print(f"resuming from {folder} (iteration {self.loop.iteration})")
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-        rollouts = tmp / "rollouts.jsonl"
-        kept = [ln for ln in (rollouts.read_text().splitlines() if rollouts.is_file() else [])
-                if json.loads(ln)["iteration"] <= self.loop.iteration] if found else []
-        rollouts.write_text("".join(ln + "\n" for ln in kept))
-        return history, done
+    def _trainer_factory(self):
+        """The trainer, or (DeepSpeed, before the first update) what builds it: iteration 1 scores
+        its rollouts before the engine exists, so a run that loads no state builds it there."""
+        if self.trainer is not None:
+            return self.trainer
+        return lambda: self._trainer_for(self.world)  # the step sets its own accumulation
 
     def _summary(self, history: list) -> dict:
         last = dict(history[-1])
@@ -216,25 +214,18 @@ class Session:
                 "prompt_order": self.c.prompt_order, "prompt_passes": round(self.loop.cursor / len(self.loop.prompts), 3),
                 "continued_from": self.continued}
 
-    def save_policy(self, tmp: Path | None) -> dict | None:
-        """BF16 checkpoint + trainer_state (fp32 masters, and AdamW without DeepSpeed) into tmp.
-        Every DeepSpeed rank calls it (ZeRO-3 gathers collectively); tmp is None off rank 0."""
+    def save_policy(self, tmp: Path) -> dict | None:
+        """trainer_state/ first (fp32 masters, AdamW without DeepSpeed, and the loop's position:
+        atomic, so a rerun after a kill from here on resumes from it and runs no iteration again),
+        the BF16 checkpoint last; resume states and pushed checkpoints are not part of the output.
+        Every DeepSpeed rank calls it (ZeRO-3 gathers collectively); None off rank 0."""
         model = self.trainer.gather_weights() if self.trainer is not None else self.model
-        if tmp is None:
+        if not self.is_main:
             return None
-        torch_backend = self.trainer is not None and self.trainer.backend == "torch"
-        optimizer = self.trainer.optimizer if torch_backend else None
-        # trainer_state/ first (atomic, with the loop's position: a rerun after a kill from here
-        # on resumes from it and runs no iteration again), then the resume states go, the
-        # checkpoint last. Resume states and pushed checkpoints are not part of the output.
-        info = state.write_trainer_state(tmp, model, optimizer, {"iteration": self.loop.iteration,
-                                                                  "cursor": self.loop.cursor})
-        if torch_backend:
-            shutil.rmtree(tmp / "state", ignore_errors=True)
+        info = self.run_folder.finish(model, {"iteration": self.loop.iteration, "cursor": self.loop.cursor})
         models.remove_fake_quant(model)
         models.save_checkpoint(model, self.tokenizer, tmp)
-        for work in ("state", "sync"):
-            shutil.rmtree(tmp / work, ignore_errors=True)
+        self.run_folder.close("sync")
         return info
 
     def rl_state(self, prompts_path) -> dict:
@@ -247,11 +238,12 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _deepspeed_env() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _no_sync(model, iteration):
     pass
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
