@@ -178,6 +178,11 @@ class Trainer:
     """Plain torch: AdamW + warmup/cosine LambdaLR + clip_grad_norm_."""
 
     backend = "torch"
+    # The fake-quant weights computed once per step and reused by every micro-batch's forward
+    # and backward (parametrize.cached). Not under ZeRO-3: there a master is gathered for a
+    # forward and partitioned again after its backward, so a second micro-batch's backward
+    # through the cached weight would reach a master of size 0; each forward recomputes it.
+    cache_weights = True
 
     def __init__(self, model, settings: OptimSettings, total_steps: int, micro_batches_per_step: int):
         self.model, self.settings = model, settings
@@ -217,7 +222,7 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns loss, grad norm, LR used."""
         lr = self.lr()
         total, infos = 0.0, []
-        with parametrize.cached():
+        with parametrize.cached() if self.cache_weights else contextlib.nullcontext():
             mine = self.shard(micro_batches)
             for i, mb in enumerate(mine):
                 self._micro_batch(i, len(mine))
@@ -317,6 +322,7 @@ class DeepSpeedTrainer(Trainer):
         self.engine.checkpoint_engine = checkpoint_engine()  # safetensors + JSON: no pickle is ever loaded
         self.model = self.engine.module
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.cache_weights = self.zero_stage != 3
         self.scale = gas * self.world
 
     @property

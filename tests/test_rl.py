@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +198,64 @@ def test_bad_input(tiny_policy, tmp_path):
     ok = json.loads(qatctl("rl-step", *stale, "--allow-stale-rollout-model", "--max-new-tokens", "4",
                            "--reward", f"{tiny_policy / 'rw.py'}:odd_length", "--json").stdout)
     assert ok["metrics"]["stale_rollout_model"] is True
+
+
+def _kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line names `marker` (torchrun's workers outlive it)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def test_deepspeed_zero3_iterations_resume_after_kill_9(tiny_policy, tmp_path):
+    """rl-step under DeepSpeed ZeRO-3 on two gloo ranks for 3 iterations of 2 mini-batches
+    (accumulation set per optimizer step, masters gathered for every sync): its first iteration
+    equals the plain loop's; a run whose launcher and workers are killed -9 after the iteration-1
+    resume state (every rank's partition, written through the Trainer) and then re-run resumes
+    from it and ends with the uninterrupted DeepSpeed run's weights and per-iteration metrics."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    cfg = tmp_path / "ds.json"
+    # threshold 0: every parameter partitioned (the tiny model's would all stay whole by default)
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    extra = ("--iterations", "3", "--mini-batches", "2", "--save-every", "1", "--prompts-per-step", "8")
+    plain = tmp_path / "plain"
+    qatctl("rl-step", *step_args(tiny_policy, plain, *extra))
+    straight = tmp_path / "straight"
+    p = torchrun(tmp_path / "straight.log", "rl-step", *step_args(tiny_policy, straight, *extra), "--deepspeed", cfg)
+    out = finish(p, tmp_path / "straight.log")
+    assert p.returncode == 0, out[-4000:]
+    rows = lambda f: [json.loads(ln) for ln in (f / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    ds, ref = rows(straight), rows(plain)
+    assert len(ds) == 3 and json.loads((straight / "qatctl.json").read_text())["metrics"]["backend"] == "deepspeed"
+    for key in ("reward_mean", "train_rollout_logprob_abs_diff_mean", "update_sequences", "optimizer_steps"):
+        assert ds[0][key] == ref[0][key], key
+    assert ds[0]["optimizer_steps"] == 2 and ds[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-4)
+
+    killed = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    proc = torchrun(log, "rl-step", *step_args(tiny_policy, killed, *extra), "--deepspeed", cfg)
+    states = killed.with_name("killed.partial") / "state"
+    deadline = time.time() + 600
+    while not (states / "iter-000001").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    _kill_all(str(killed))
+    proc.wait()
+    assert not killed.exists() and (states / "iter-000001" / "state.json").is_file()
+    again = torchrun(log, "rl-step", *step_args(tiny_policy, killed, *extra), "--deepspeed", cfg)
+    out = finish(again, log)
+    assert again.returncode == 0 and "resuming from" in out, out[-4000:]
+    assert [r["reward_mean"] for r in rows(killed)] == [r["reward_mean"] for r in ds]
+    assert [r["grad_norm"] for r in rows(killed)] == [r["grad_norm"] for r in ds]
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rollouts = [json.loads(ln)["iteration"] for ln in (killed / "rollouts.jsonl").read_text().splitlines()]
+    assert rollouts == [json.loads(ln)["iteration"] for ln in (straight / "rollouts.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow

@@ -176,7 +176,8 @@ def test_deepspeed_zero3_kill_9_then_resume_equals_uninterrupted(tiny, tmp_path)
     and both workers after a checkpoint, re-run, and the weights equal an uninterrupted run's."""
     pytest.importorskip("deepspeed")
     cfg = tmp_path / "ds.json"
-    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    # threshold 0: every parameter partitioned (the tiny model's would all stay whole by default)
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     args = ["--data", ARITH, "--steps", "60", "--save-every", "4", "--lr", "1e-3", "--batch-size", "8",
             "--micro-batch", "2"]
     straight = _torchrun(tiny, tmp_path / "straight", cfg, *args)
@@ -207,7 +208,8 @@ def test_deepspeed_two_ranks_matches_plain_loop(tiny, tmp_path, stage):
     it (its first loss is the fake-quant one, not the plain model's)."""
     pytest.importorskip("deepspeed")
     cfg = tmp_path / "ds.json"
-    cfg.write_text(json.dumps({"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}))
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}  # all partitioned
+    cfg.write_text(json.dumps({"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto"}))
     args = ["--data", ARITH, "--steps", "8", "--lr", "1e-3", "--batch-size", "8", "--micro-batch", "2", "--json"]
     plain = json.loads(qatctl("train-sft-qat", tiny, "--out", tmp_path / "plain", *args).stdout)["metrics"]
     noqat = json.loads(qatctl("train-sft-qat", tiny, "--out", tmp_path / "noqat", *args,
