@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qatctl.artifacts import OutputDir, sha256_file
+from qatctl.scheme import QuantScheme
 
 STAGE, KIND = "init-qat", "qat-checkpoint"
 
@@ -27,8 +28,8 @@ STAGE, KIND = "init-qat", "qat-checkpoint"
 class InitQatConfig:
     model: str  # HF folder, .gguf file, or preset name
     out: Path
-    group_size: int = 32  # 32, 64 or 128 input elements per scale
-    scale_rule: str = "kimi"  # kimi (amax/7, q in [-7,7]) or minmax (amax/7.5, q in [-8,7])
+    group_size: int = QuantScheme.group_size  # 32, 64 or 128 input elements per scale
+    scale_rule: str = QuantScheme.scale_rule  # kimi (amax/7, q in [-7,7]) or minmax (amax/7.5, q in [-8,7])
     ignore: tuple[str, ...] = ()  # extra modules left in BF16: exact name, prefix or re:regex
     preset_targets: str | None = None  # "kimi-experts": quantize routed MoE experts only
     seed: int = 0  # initializes the tiny random presets
@@ -42,7 +43,7 @@ class InitQatConfig:
 
 def scheme_for(config: InitQatConfig):
     from qatctl.errors import QatctlError
-    from qatctl.quant import DEFAULT_IGNORE, TARGET_PRESETS, QuantScheme
+    from qatctl.scheme import DEFAULT_IGNORE, TARGET_PRESETS
 
     if config.preset_targets is not None and config.preset_targets not in TARGET_PRESETS:
         raise QatctlError(f"--preset-targets {config.preset_targets!r}: unknown (known: {', '.join(TARGET_PRESETS)})")

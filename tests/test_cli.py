@@ -38,6 +38,17 @@ def test_help_is_instant_and_imports_no_torch():
     assert "--group-size" in qatctl("init-qat", "-h").stdout
 
 
+def test_quant_defaults_are_written_once():
+    """init-qat's --group-size/--scale-rule defaults are QuantScheme's fields (qatctl/scheme.py,
+    torch-free: the CLI reads them at start-up), the class the quantizer re-exports."""
+    from qatctl import quant, scheme
+    from stages.init_qat import InitQatConfig
+
+    assert quant.QuantScheme is scheme.QuantScheme
+    d = scheme.QuantScheme()
+    assert (InitQatConfig.group_size, InitQatConfig.scale_rule) == (d.group_size, d.scale_rule)
+
+
 def assert_usage_error(p, *fragments, absent=()):
     assert p.returncode == 2, (p.returncode, p.stderr)
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
