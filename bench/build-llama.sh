@@ -7,7 +7,12 @@ set -euo pipefail
 DIR=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/llama-cpp}
 BIN=$DIR/src/build/bin
 TOOLS=(llama-bench llama-cli llama-quantize llama-server)
+# GGML_NATIVE builds for this CPU's instruction set: a build made on another machine (sessions
+# differ: AVX2-only one day, AVX512/AMX the next) can die of SIGILL here, so the flags it was built
+# for are stamped beside it and a different CPU rebuilds.
+CPU_FLAGS=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|amx|f16c|fma|sse|bmi)' | sort | tr '\n' ' ')
 done_all=1; for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || done_all=0; done
+[ "$(cat "$DIR/BUILT_FOR" 2>/dev/null)" = "$CPU_FLAGS" ] || done_all=0
 if [ "$done_all" = 1 ]; then echo "$BIN"; exit 0; fi
 mkdir -p "$DIR" && cd "$DIR"
 # The sdist straight from the registry's JSON API: `pip download --no-binary :all:` would build the
@@ -28,4 +33,5 @@ cd src
 cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON > build.log 2>&1
 cmake --build build --target "${TOOLS[@]}" -j"$(nproc)" >> build.log 2>&1
+echo "$CPU_FLAGS" > "$DIR/BUILT_FOR"
 echo "$BIN"

@@ -16,6 +16,7 @@ same sdist; needs `pip install sentencepiece`) to BF16, then `llama-quantize ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import subprocess
@@ -32,6 +33,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llama_server(bin_dir: Path, gguf: Path, threads: int, name: str):
+    """llama-server on GGUF at a free loopback port, one slot, until the block ends; its URL.
+    Its log goes to the temp folder (not beside the records)."""
+    import httpx
+
+    port = free_port()
+    log = open(Path(tempfile.gettempdir()) / f"{name}.llama-server.log", "w")
+    server = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port",
+                               str(port), "-t", str(threads), "-c", "1024", "-np", "1", "--no-webui"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit(f"llama-server exited {server.returncode}; see {log.name}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def main() -> None:
@@ -55,22 +84,7 @@ def main() -> None:
 
     tok = load_tokenizer(a.tokenizer)
     rows = data.load_prompts(a.prompts, tok)[: a.limit]
-    port = free_port()
-    log = open(Path(tempfile.gettempdir()) / f"{a.out.stem}.llama-server.log", "w")  # not beside the records
-    server = subprocess.Popen([str(a.bin / "llama-server"), "-m", str(a.gguf), "--host", "127.0.0.1", "--port", str(port),
-                               "-t", str(a.threads), "-c", "1024", "-np", "1", "--no-webui"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"llama-server exited {server.returncode}; see {log.name}")
-            time.sleep(0.2)
+    with llama_server(a.bin, a.gguf, a.threads, a.out.stem) as url:
         # llama.cpp's own tokenization of the prompt text (the GGUF's tokenizer.ggml.pre at work)
         # against the ids qatctl's tokenizer gives: the export's tokenizer is right when they agree
         same_tokens = sum(httpx.post(url + "/tokenize", timeout=60, json={
@@ -88,9 +102,6 @@ def main() -> None:
             samples.append({"index": p.index, "answer": p.answer, "completion": text, "reward": reward, "output_ids": ids})
         seconds = time.perf_counter() - t0
         props = httpx.get(url + "/props", timeout=10).json()
-    finally:
-        server.terminate()
-        server.wait(30)
     result = {"model": str(a.gguf), "kind": "gguf", "kernel": f"llama.cpp llama-server ({props.get('build_info', '?')})",
               "device": "cpu", "threads": a.threads, "prompts": str(a.prompts), "prompts_digest": sha256_file(a.prompts),
               "limit": a.limit, "max_new_tokens": a.max_new_tokens, "reward_name": "exact-number",
