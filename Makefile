@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python bench/rl.py --true-on-policy
 	$(BIN)/python bench/engine.py --prefill
 	$(BIN)/python bench/kernel_mismatch.py
+	if [ -n "$$LLAMA_BIN" ]; then $(BIN)/python bench/engine.py --vs-llama-cpp; else echo 'bench: llama.cpp on the same weights skipped (LLAMA_BIN=$$(bash bench/build-llama.sh) make bench)'; fi
 
 # docs/results.md's runs (recipes/loop.mk): four arms from two SFT starts per seed, 20 iterations,
 # scored on val every 10 and on val / test / test-oot at 0 and 20; records into results/exp.

@@ -2,6 +2,7 @@
 
     python bench/engine.py          (make bench)
     python bench/engine.py --prefill    (only the exact-vs-torch prefill section)
+    LLAMA_BIN=.../build/bin python bench/engine.py --vs-llama-cpp   (same weights, interleaved)
 
 Decode tokens/s at batch 1, 8, 32, 64 for the INT4 engine as shipped and with each native part
 taken away (pure torch -> native lm_head -> native W4A16 kernel -> fused decode step), the same
@@ -229,7 +230,121 @@ def prefill_exact(int4: Path, rounds: int = 5) -> None:
     write_section("prefill-exact", lines)
 
 
+def _llama_bench_once(binary: Path, gguf: Path, threads: int, prompt: int, new: int) -> tuple[float, float, str]:
+    """One llama-bench repetition (-r 1): (prefill tok/s of `prompt` tokens, decode tok/s of `new`
+    tokens, build commit)."""
+    import json
+    import subprocess
+
+    p = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(new),
+                        "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        raise SystemExit(f"llama-bench failed ({p.returncode}): {p.stderr[-500:]}")
+    runs = json.loads(p.stdout)
+    tg = next(r for r in runs if r.get("n_gen", 0) > 0)
+    pp = next(r for r in runs if r.get("n_prompt", 0) > 0)
+    return pp["avg_ts"], tg["avg_ts"], str(tg.get("build_commit", "?"))
+
+
+def _served_decode(engine, int4: Path, new: int) -> float:
+    """One /generate of `new` tokens after a 16-token prompt through `qatctl serve` (batch 1)."""
+    import httpx
+
+    from bench.serve import LiveServer
+
+    prompt = list(range(100, 116))
+    body = {"input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": new, "ignore_eos": True}}
+
+    def client(url):
+        with httpx.Client(base_url=url, timeout=300) as c:
+            c.post("/generate", json={**body, "sampling_params": {"max_new_tokens": 4}}).raise_for_status()
+            t = time.perf_counter()
+            c.post("/generate", json=body).raise_for_status()
+            return new / (time.perf_counter() - t)
+    return LiveServer(engine, int4).run(client)
+
+
+def vs_llama_cpp(rounds: int = 5, prompt: int = 256, new: int = 128) -> None:
+    """qatctl's engine and llama.cpp on the same weights (issue 25 item 4): the int4-checkpoint for
+    qatctl, its GGUF export (Q4_0 blocks of the same codes and scales) for llama.cpp, and the original
+    Q4_1 file as a second llama.cpp row. Interleaved rounds A B C D (qatctl in process, qatctl
+    serve, llama-bench on the export, llama-bench on Q4_1), the same thread count, prompt and
+    new-token counts; prefill and decode timed separately on both sides; median (min-max) over the
+    rounds, ratios median (min-max) of the per-round ratios. LLAMA_BIN names llama.cpp's build/bin
+    (bench/build-llama.sh)."""
+    import os
+
+    from bench._report import median
+    from qatctl.engines import kernels
+    from qatctl.models import smollm2_gguf
+
+    bin_dir = Path(os.environ.get("LLAMA_BIN", ""))
+    binary = bin_dir / "llama-bench"
+    if not os.access(binary, os.X_OK):
+        raise SystemExit(f"LLAMA_BIN={bin_dir}: no llama-bench there (bash bench/build-llama.sh prints the folder)")
+    if rounds < 5:
+        raise SystemExit(f"--rounds {rounds}: at least 5")
+    ckpt, int4, gguf_dir = RUNS / "smollm2-init", RUNS / "smollm2-int4", RUNS / "smollm2-gguf"
+    init_qat.run(init_qat.InitQatConfig(model="smollm2-135m", out=ckpt))
+    convert_int4.run(convert_int4.ConvertInt4Config(ckpt=ckpt, out=int4))
+    convert_int4.run(convert_int4.ConvertInt4Config(ckpt=ckpt, out=gguf_dir, format="gguf"))
+    gguf, q41 = gguf_dir / "model.gguf", smollm2_gguf()
+    threads = torch.get_num_threads()
+    engine = EmbeddedEngine.load(int4)
+    ids = list(range(100, 100 + prompt))
+    engine.score([ids[:8]], [ids[8:16]])  # warm up
+    decode_rate(engine, 1, 8)
+    cols = {k: ([], []) for k in ("qatctl", "qatctl serve", "llama.cpp export", "llama.cpp Q4_1")}
+    build = "?"
+    for r in range(rounds):
+        t = time.perf_counter()
+        engine.score([ids[:-1]], [ids[-1:]])
+        cols["qatctl"][0].append(prompt / (time.perf_counter() - t))
+        cols["qatctl"][1].append(decode_rate(engine, 1, new))
+        cols["qatctl serve"][1].append(_served_decode(engine, int4, new))
+        for name, f in (("llama.cpp export", gguf), ("llama.cpp Q4_1", q41)):
+            pp, tg, build = _llama_bench_once(binary, f, threads, prompt, new)
+            cols[name][0].append(pp)
+            cols[name][1].append(tg)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} decode {v[1][-1]:.1f}" for k, v in cols.items()), flush=True)
+
+    def mr(vals):
+        return f"{median(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
+
+    def ratio(a, b):
+        rs = [x / y for x, y in zip(a, b, strict=True)]
+        return f"{median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})"
+
+    ref = cols["llama.cpp export"]
+    lines = [f"## Engine vs llama.cpp on the same weights ({datetime.date.today()})", "",
+             f"Machine: {machine()}; CPU flags: {cpu_flags()}; native int4 path: {kernels.isa() or 'none'}; "
+             f"llama.cpp build {build} ({_llama_version()}). `LLAMA_BIN=... python bench/engine.py --vs-llama-cpp`. "
+             f"SmolLM2-135M-Instruct quantized once by qatctl: the int4-checkpoint for qatctl, its GGUF export (Q4_0 "
+             f"blocks of the same codes and scales) for llama.cpp; the original Q4_1 GGUF as a second llama.cpp row. "
+             f"{rounds} interleaved rounds (qatctl, qatctl serve, llama.cpp export, llama.cpp Q4_1), {threads} threads "
+             f"each; prefill: one {prompt}-token prompt (llama-bench pp{prompt}); decode: {new} tokens at batch 1 "
+             f"(ours after a 16-token prompt, prefill subtracted; llama-bench tg{new}: from an empty context; serve: "
+             f"one /generate, its prefill included). Every figure is the median (min-max) over the rounds; ratios are "
+             f"the median (min-max) of the per-round ratios against llama.cpp on the export.", "",
+             "| | prefill tok/s | decode tok/s | prefill vs llama.cpp export | decode vs llama.cpp export |",
+             "|---|---:|---:|---:|---:|"]
+    for name, (pre, dec) in cols.items():
+        lines.append(f"| {name} | {mr(pre) if pre else '-'} | {mr(dec)} | "
+                     f"{ratio(pre, ref[0]) if pre else '-'} | {ratio(dec, ref[1])} |")
+    write_section("engine-vs-llama-cpp", lines)
+
+
+def _llama_version() -> str:
+    import os
+
+    f = Path(os.environ.get("LLAMA_BIN", "")).parents[2] / "VERSION"
+    return " ".join(f.read_text().split()) if f.is_file() else "version file not found"
+
+
 def main() -> None:
+    if "--vs-llama-cpp" in sys.argv[1:]:
+        vs_llama_cpp()
+        return
     if "--prefill" in sys.argv[1:]:
         ckpt, int4 = RUNS / "smollm2-init", RUNS / "smollm2-int4"
         init_qat.run(init_qat.InitQatConfig(model="smollm2-135m", out=ckpt))
