@@ -30,7 +30,19 @@ rm -rf src && mkdir src && tar xzf "$SDIST" -C src --strip-components=3 --wildca
 { echo "llama-cpp-python sdist: $(basename "$SDIST")";
   grep -m1 -E 'LLAMA_BUILD_NUMBER|BUILD_NUMBER' src/CMakeLists.txt src/cmake/build-info.cmake 2>/dev/null || true; } > VERSION
 cd src
-cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+# -march=native, except where the CPU lists AMX: ggml then compiles its AMX matmul, which died of
+# SIGILL on a VM that lists amx_tile (measured 2026-12-03, Intel Xeon); there the ISA is named flag by
+# flag from /proc/cpuinfo without AMX.
+ISA=(-DGGML_NATIVE=ON)
+if [[ " $CPU_FLAGS " == *" amx_tile "* ]]; then
+  has() { [[ " $CPU_FLAGS " == *" $1 "* ]] && echo ON || echo OFF; }
+  ISA=(-DGGML_NATIVE=OFF -DGGML_SSE42="$(has sse4_2)" -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)"
+       -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)" -DGGML_BMI2="$(has bmi2)" -DGGML_AVX_VNNI="$(has avx_vnni)"
+       -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AVX512_VNNI="$(has avx512_vnni)"
+       -DGGML_AVX512_BF16="$(has avx512_bf16)" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+echo "cmake ISA: ${ISA[*]}" >> "$DIR/VERSION"
+cmake -B build -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON > build.log 2>&1
 cmake --build build --target "${TOOLS[@]}" -j"$(nproc)" >> build.log 2>&1
 echo "$CPU_FLAGS" > "$DIR/BUILT_FOR"

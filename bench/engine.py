@@ -337,8 +337,13 @@ def vs_llama_cpp(rounds: int = 5, prompt: int = 256, new: int = 128) -> None:
 def _llama_version() -> str:
     import os
 
-    f = Path(os.environ.get("LLAMA_BIN", "")).parents[2] / "VERSION"
-    return " ".join(f.read_text().split()) if f.is_file() else "version file not found"
+    f = Path(os.environ.get("LLAMA_BIN", "")).parents[2] / "VERSION"  # bench/build-llama.sh's
+    if not f.is_file():
+        return "version file not found"
+    lines = f.read_text().splitlines()
+    isa = next((ln for ln in lines if ln.startswith("cmake ISA:")), "")
+    isa = "-march=native" if "GGML_NATIVE=ON" in isa else "ISA named flag by flag, AMX off" if isa else "?"
+    return f"{lines[0]}; {isa}"
 
 
 def main() -> None:

@@ -46,6 +46,39 @@ def llama_cpp_greedy(url: str, prompts: list[list[int]], max_new: int) -> tuple[
     return ids, lps
 
 
+def q8_0(x):
+    """ggml's quantize_row_q8_0 in fp32: blocks of 32 along the last dimension, d = amax / 127
+    stored as fp16, q = round(x / d) (round half away from zero, as roundf), value q * fp16(d)."""
+    import torch
+
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // 32, 32)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    v = xb * inv
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (q * d.half().float()).reshape(shape).to(x.dtype)
+
+
+def unrounded(model, policy: Path, scheme) -> None:
+    """Every quantized weight as llama.cpp dequantizes Q4_0: the fp32 product of the code and the
+    (fp16-exact) scale, without the training view's BF16 rounding; from the checkpoint's weights."""
+    import torch
+
+    from qatctl import models
+    from qatctl.quant import quantize
+
+    dense, _ = models.load_checkpoint(policy)
+    src = {n: getattr(m, p) for n, m, p in models.quant_targets(dense, scheme)}
+    g = scheme.group_size
+    with torch.no_grad():
+        for name, mod, pname in models.quant_targets(model, scheme):
+            w = src[name]
+            q, scale = quantize(w, scheme)
+            qg = q.float().reshape(*w.shape[:-1], w.shape[-1] // g, g)
+            getattr(mod, pname).copy_((qg * scale.float().unsqueeze(-1)).reshape(w.shape))
+
+
 def main() -> None:
     from _report import machine
     from llama_cpp_eval import llama_server
@@ -95,9 +128,23 @@ def main() -> None:
     model.eval()
     view_lp, view_top = train_logprobs(model, prompts, comps)
 
+    # llama.cpp's arithmetic emulated on the training model, one difference at a time: the
+    # activations entering every quantized linear as Q8_0 blocks, then also the weights as the
+    # unrounded fp32 product d * q instead of bf16(q * scale).
+    hooks = [mod.register_forward_pre_hook(lambda m, args: (q8_0(args[0]), *args[1:]))
+             for _, mod, _ in models.quant_targets(model, scheme)]
+    q8_lp, q8_top = train_logprobs(model, prompts, comps)
+    unrounded(model, a.policy, scheme)
+    emu_lp, emu_top = train_logprobs(model, prompts, comps)
+    for h in hooks:
+        h.remove()
+
     pairs = {"llama.cpp vs qatctl engine": (llama, eng_lp, comps, eng_top),
              "llama.cpp vs training view": (llama, view_lp, comps, view_top),
-             "qatctl engine vs training view": (eng_lp, view_lp, eng_top, view_top)}
+             "qatctl engine vs training view": (eng_lp, view_lp, eng_top, view_top),
+             "training view + Q8_0 activations vs training view": (q8_lp, view_lp, q8_top, view_top),
+             "llama.cpp vs training view + Q8_0 activations": (llama, q8_lp, comps, q8_top),
+             "llama.cpp vs + Q8_0 activations + unrounded weights": (llama, emu_lp, comps, emu_top)}
     # mismatch_metrics(train, infer): |train - infer|; llama.cpp's greedy tokens are its argmax
     table = {name: mismatch_metrics(y, x, ty, tx) for name, (x, y, tx, ty) in pairs.items()}
     result = {"policy": str(a.policy), "int4": str(a.int4), "gguf": str(a.gguf),
