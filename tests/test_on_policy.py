@@ -61,6 +61,35 @@ def test_score_equals_generate_alone_batched_and_cached(pairs, preset, weights, 
         assert echo[len(p) - 1:] == o.logprobs  # the server's input_token_logprobs: the same bits
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3"])
+def test_score_of_a_group_shares_its_prompt_and_keeps_the_bits(pairs, preset, monkeypatch):
+    """The native score runs a prompt once for all its samples (GRPO's group) and their completion
+    tokens through shared calls: split over pools (SCORE_ROWS) and calls (PREFILL_CHUNK) that cut
+    through rows, every token's logprob and argmax are still the decode step's."""
+    from qatctl.engines import SamplingParams, embedded, load_engine
+
+    eng = load_engine(pairs[preset][1])
+    assert eng.native_exact
+    g = torch.Generator().manual_seed(7)
+    group, other = torch.randint(3, 250, (17,), generator=g).tolist(), torch.randint(3, 250, (4,), generator=g).tolist()
+    prompts = [group] * 5 + [other] + [group]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=3 + 2 * i, seed=90 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = eng.generate(prompts, params)
+    completions = [o.output_ids for o in outs]
+    completions[2] = []  # an empty completion scores as []
+    monkeypatch.setattr(embedded, "SCORE_ROWS", 2)
+    monkeypatch.setattr(embedded, "PREFILL_CHUNK", 7)
+    got, tops = eng.score_argmax(prompts, completions)
+    for p, c, o, lp, top in zip(prompts, completions, outs, got, tops, strict=True):
+        assert lp == o.logprobs[:len(c)]
+        ref = eng.prompt_logprobs(p + c + [0])[0][len(p) - 1:-1] if c else []  # one sequence alone
+        assert lp == ref
+        assert len(top) == len(c)
+    greedy = eng.generate([group], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))[0].output_ids
+    assert eng.score_argmax([group], [greedy])[1][0] == greedy  # argmax at each position = the greedy decode
+
+
 def test_without_exact_the_moe_torch_prefill_differs(pairs):
     """What the stepwise prefill fixes: the MoE model's torch prefill (SDPA over the whole prompt)
     is not its decode step's arithmetic, so `exact` is False and some score differs."""
@@ -205,7 +234,7 @@ def _break_prefill_from_layer(plan, layer, monkeypatch):
     def call(self, x, pool, rows, positions, head=True, layers=None):
         out = real(self, x, pool, rows, positions, head=head, layers=layers)
         if len(rows) > 1 and (layers is None or layers > layer):
-            out[-1] += 0.5
+            out[-1, 0] += 0.5  # one logit (or hidden unit): a whole-row shift would leave log-softmax as it is
         return out
 
     monkeypatch.setattr(cls, "__call__", call)

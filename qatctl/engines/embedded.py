@@ -46,6 +46,7 @@ from qatctl.quant import dequant
 
 log = logging.getLogger("qatctl.engine")
 SUPPORTED = ("llama", "qwen3", "qwen3_moe")
+SCORE_ROWS = 64  # samples of one prompt scored in one KV pool (exact score)
 PREFILL_CHUNK = 256  # prompt tokens per native call of an exact prefill (bounds its buffers; the bits do not depend on it)
 
 
@@ -441,6 +442,10 @@ class EmbeddedEngine:
     @torch.inference_mode()
     def score_argmax(self, prompts: list[list[int]], completions: list[list[int]]):
         """(score's logprobs, the greedy (argmax) token at each position)."""
+        if len(prompts) != len(completions):
+            raise QatctlError(f"score: {len(prompts)} prompts for {len(completions)} completions")
+        if self.native_exact:
+            return self._score_native(prompts, completions)
         result, tops = [], []
         for p, c in zip(prompts, completions, strict=True):
             if not c:
@@ -453,6 +458,49 @@ class EmbeddedEngine:
             logits = self._prefill(ids[:-1], self._new_cache(1, len(ids) - 1), 0, len(p) - 1).cpu()
             result.append([token_logprob(row, tok) for row, tok in zip(logits, c, strict=True)])
             tops.append(logits.argmax(-1).tolist())
+        return result, tops
+
+    def _score_native(self, prompts, completions):
+        """score_argmax on the exact native forward, a prompt's samples together: the prompt runs
+        once (its K/V copied to every sample's row), then the samples' completion tokens go
+        through shared calls of the decode step. Each position's logits are the bits of any other
+        exact path (row-, call- and batch-invariant), at a fraction of the per-sequence cost for a
+        GRPO group (one prompt, many samples)."""
+        result, tops = [None] * len(prompts), [None] * len(prompts)
+        groups: dict[tuple, list[int]] = {}
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            n = len(p) + len(c)
+            if n > self.max_pos:
+                raise QatctlError(f"score: {n} tokens exceed the model's {self.max_pos} positions")
+            if not c:
+                result[i], tops[i] = [], []
+            elif not p:
+                raise QatctlError(f"score: prompt {i} is empty (a completion's first token needs a prompt token)")
+            else:
+                groups.setdefault(tuple(p), []).append(i)
+        plan = self.decode_plan
+        # at most SCORE_ROWS samples share one prompt's KV pool (bounds its memory)
+        chunks = [(p, m[a:a + SCORE_ROWS]) for p, m in groups.items() for a in range(0, len(m), SCORE_ROWS)]
+        for p, members in chunks:
+            P = len(p)
+            cache = self._new_cache(len(members), P + max(len(completions[i]) for i in members) - 1)
+            first = self._prefill(list(p), cache, 0, P - 1)[0].cpu()  # the last prompt position's logits, shared
+            for k, v in cache:  # the prompt's K/V, the same bits in every sample's row
+                k[1:, :, :P] = k[:1, :, :P]
+                v[1:, :, :P] = v[:1, :, :P]
+            pool = plan.pool(cache)
+            todo = [(row, P + j, tok) for row, i in enumerate(members) for j, tok in enumerate(completions[i][:-1])]
+            rows_logits: list[list[torch.Tensor]] = [[first] for _ in members]
+            for a in range(0, len(todo), PREFILL_CHUNK):
+                part = todo[a:a + PREFILL_CHUNK]
+                x = self.embed[torch.tensor([t for _, _, t in part])]
+                out = plan(x, pool, [r for r, _, _ in part], [q for _, q, _ in part]).cpu()
+                for (r, _, _), row in zip(part, out, strict=True):
+                    rows_logits[r].append(row)
+            for r, i in enumerate(members):
+                logits = rows_logits[r]
+                result[i] = [token_logprob(row, tok) for row, tok in zip(logits, completions[i], strict=True)]
+                tops[i] = [int(row.argmax()) for row in logits]
         return result, tops
 
     @torch.inference_mode()
