@@ -14,7 +14,9 @@ the unrounded fp32 product d * (u - 8), the training view is bf16(q * scale).
 Names, Q/K row order and metadata follow llama.cpp's own converter (convert_hf_to_gguf.py) for
 the architecture: Llama's q_proj / k_proj rows are permuted for its rotary layout (a row
 permutation: whole Q4_0 rows move, codes and scales unchanged); Qwen3 keeps HF order and adds its
-q/k norms. Embeddings, lm_head and norms keep the checkpoint's precision (BF16; 1-D norms F32, as
+q/k norms; Qwen3-MoE (the converter's Qwen3MoeModel) merges each layer's experts into one 3-D tensor
+per projection (blk.N.ffn_{gate,up,down}_exps: [experts, rows, columns], Q4_0 rows from the same
+codes and scales) and writes the router (ffn_gate_inp) as F32. Embeddings, lm_head and norms keep the checkpoint's precision (BF16; 1-D norms F32, as
 the converter writes them). The tokenizer (BPE tokens, types, merges, special ids, chat template)
 goes inside.
 """
@@ -22,6 +24,7 @@ goes inside.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +32,22 @@ import torch
 
 from qatctl.errors import QatctlError
 
-ARCHES = {"llama": "LLAMA", "qwen3": "QWEN3"}  # model_type -> gguf.MODEL_ARCH member
+ARCHES = {"llama": "LLAMA", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}  # model_type -> gguf.MODEL_ARCH member
+EXPERT = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")  # HF's per-expert linears
 BLOCK = 32  # Q4_0 weights per block
 
 
 def check_exportable(cfg: dict, group_size: int, where: str) -> None:
     """One line naming what would work, before anything is written."""
     mt = cfg.get("model_type")
-    if mt == "qwen3_moe":
-        raise QatctlError(f"{where}: --format gguf does not export Qwen3-MoE yet (its experts would be merged into "
-                          "3-D Q4_0 tensors); use the compressed-tensors format")
+    if mt == "qwen3_moe":  # what llama.cpp's qwen3moe graph computes, or the file would be another model
+        if not cfg.get("norm_topk_prob", False):
+            raise QatctlError(f"{where}: --format gguf: llama.cpp's qwen3moe always renormalizes the top-k router "
+                              "weights, and this config has norm_topk_prob false; keep the compressed-tensors format")
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            raise QatctlError(f"{where}: --format gguf: llama.cpp's qwen3moe has an MoE block in every layer; this "
+                              "config has dense layers (mlp_only_layers / decoder_sparse_step); keep the "
+                              "compressed-tensors format")
     if mt not in ARCHES:
         raise QatctlError(f"{where}: --format gguf exports {', '.join(ARCHES)}, not model_type {mt!r}")
     if group_size != BLOCK:
@@ -130,6 +139,11 @@ def _metadata(writer, cfg: dict, arch: str, name: str) -> None:
     if cfg.get("head_dim") is not None:  # as the converter: whenever the config names it
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    n_experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    if n_experts is not None:  # as TextModel and Qwen2MoeModel.set_gguf_parameters
+        writer.add_expert_count(n_experts)
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
 
 
 def write_gguf(folder: Path, reader, cfg: dict, tokenizer, out_file: Path, pre: str, name: str) -> dict:
@@ -149,10 +163,14 @@ def write_gguf(folder: Path, reader, cfg: dict, tokenizer, out_file: Path, pre: 
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     inexact: dict[str, int] = {}
     q4 = 0
+    experts: dict[tuple[str, str], dict[int, str]] = {}  # (layer's experts prefix, projection) -> {expert: module}
     for key in sorted(reader.keys):
         if key.endswith((".weight_packed", ".weight_shape")):
             continue
         module = key.removesuffix(".weight_scale").removesuffix(".weight")
+        if (m := EXPERT.match(module)) is not None:
+            experts.setdefault((m[1], m[3]), {})[int(m[2])] = module
+            continue
         gname = names.get_name(module + ".weight", try_suffixes=(".weight",))
         if gname is None:
             raise QatctlError(f"{folder}: tensor {key} has no llama.cpp name for {arch.lower()}")
@@ -168,15 +186,52 @@ def write_gguf(folder: Path, reader, cfg: dict, tokenizer, out_file: Path, pre: 
             q4 += 1
         else:
             t = reader.tensor(key)
-            if t.ndim == 1:  # norms: F32, as the converter writes 1-D tensors (exact from BF16)
-                writer.add_tensor(gname, t.float().numpy())
+            if t.ndim == 1 or gname.endswith("ffn_gate_inp.weight"):  # norms, the MoE router: F32, as the
+                writer.add_tensor(gname, t.float().numpy())                # converter writes them (exact from BF16)
             elif t.dtype == torch.bfloat16:
                 writer.add_tensor(gname, t.contiguous().view(torch.int16).numpy().view(np.uint16),
                                   raw_shape=tuple(t.shape), raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
                 writer.add_tensor(gname, t.float().numpy())
+    for (prefix, proj), members in sorted(experts.items()):
+        q4 += _merged_experts(writer, reader, names, folder, cfg, prefix, proj, members, inexact)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return {"q4_0_tensors": q4, "inexact_scales": sum(inexact.values()), "inexact_scale_tensors": inexact}
+
+
+def _merged_experts(writer, reader, names, folder, cfg, prefix, proj, members, inexact) -> int:
+    """One layer's experts of one projection as the converter merges them: a [experts, rows, columns]
+    tensor named from `PREFIX.PROJ.weight` (Q4_0 rows of each expert's own codes and scales, or
+    BF16 where the experts were left unquantized). Returns 1 if it was written as Q4_0."""
+    import gguf
+
+    n = cfg.get("num_local_experts", cfg.get("num_experts"))
+    if sorted(members) != list(range(n)):
+        raise QatctlError(f"{folder}: {prefix}: experts {sorted(members)} for {proj}, expected 0..{n - 1}")
+    gname = names.get_name(f"{prefix}.{proj}.weight", try_suffixes=(".weight",))
+    if gname is None:
+        raise QatctlError(f"{folder}: {prefix}.{proj} has no llama.cpp name")
+    quantized = {reader.is_quantized(members[x]) for x in range(n)}
+    if quantized == {True}:
+        rows, bad = [], 0
+        for x in range(n):
+            data, b = q4_0_blocks(*reader.q_scale(members[x]))
+            rows.append(data)
+            bad += len(b)
+        if bad:
+            inexact[gname] = bad
+        writer.add_tensor(gname, np.stack(rows), raw_dtype=gguf.GGMLQuantizationType.Q4_0)  # -> [E, N, K]
+        return 1
+    if quantized == {False}:
+        t = torch.stack([reader.tensor(members[x] + ".weight") for x in range(n)])
+        if t.dtype != torch.bfloat16:
+            writer.add_tensor(gname, t.float().numpy())
+        else:
+            writer.add_tensor(gname, t.contiguous().view(torch.int16).numpy().view(np.uint16), raw_shape=tuple(t.shape),
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+        return 0
+    raise QatctlError(f"{folder}: {prefix}: some experts' {proj} are quantized and some are not; a GGUF tensor holds "
+                      "one type")

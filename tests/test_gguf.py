@@ -95,14 +95,72 @@ def test_gguf_holds_qatctls_codes_and_scales(preset, arch, tmp_path):
         assert torch.equal(sd[key], want), key
 
 
+def _set_config(ckpt, **fields):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, **fields}, indent=2))
+    redigest(ckpt)
+
+
+@pytest.mark.parametrize("targets", [None, "kimi-experts"])
+def test_gguf_qwen3_moe_merges_each_layers_experts_as_the_converter_does(targets, tmp_path):
+    """Qwen3-MoE: per layer and projection one [experts, rows, columns] Q4_0 tensor
+    (blk.N.ffn_{gate,up,down}_exps) whose expert e is expert e's own codes and scales, the router
+    (ffn_gate_inp) F32, the expert counts in the metadata; with kimi-experts (experts quantized,
+    attention left BF16) the attention linears are the checkpoint's BF16 tensors."""
+    opts = {} if targets is None else {"preset_targets": targets}
+    make_tiny("tiny-qwen3-moe", tmp_path / "init", **opts)
+    _set_config(tmp_path / "init", norm_topk_prob=True)  # Qwen3-30B-A3B's value, what llama.cpp computes
+    out = tmp_path / "gguf"
+    m = json.loads(qatctl("convert-int4", tmp_path / "init", "--format", "gguf", "--gguf-pre", "gpt-2", "--out", out,
+                          "--json").stdout)
+    cfg = json.loads((tmp_path / "init" / "config.json").read_text())
+    n_layers, n_exp = cfg["num_hidden_layers"], cfg["num_local_experts"]
+    codes, _ = _codes(tmp_path / "init")
+    reader = gguf.GGUFReader(out / "model.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm", "ffn_norm",
+                 "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(n_layers) for n in per_block}
+    attn_q4 = 0 if targets else 4
+    assert m["metrics"]["q4_0_tensors"] == (attn_q4 + 3) * n_layers and m["metrics"]["inexact_scales"] == 0
+    hf = load_file(tmp_path / "init" / "model.safetensors")
+    for i in range(n_layers):
+        for proj, name in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+            t = tensors[f"blk.{i}.{name}.weight"]
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            got = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+            want = torch.stack([_product(*codes[f"model.layers.{i}.mlp.experts.{e}.{proj}"]) for e in range(n_exp)])
+            assert torch.equal(got, want), (i, proj)
+        router = tensors[f"blk.{i}.ffn_gate_inp.weight"]
+        assert router.tensor_type == gguf.GGMLQuantizationType.F32
+        assert torch.equal(torch.from_numpy(np.array(router.data)), hf[f"model.layers.{i}.mlp.gate.weight"].float())
+        q = tensors[f"blk.{i}.attn_q.weight"]
+        if targets:  # left BF16 by the scheme: written as the checkpoint holds it
+            assert q.tensor_type == gguf.GGMLQuantizationType.BF16
+            raw = torch.from_numpy(np.array(q.data).view(np.int16)).view(torch.bfloat16)
+            assert torch.equal(raw.reshape(hf[f"model.layers.{i}.self_attn.q_proj.weight"].shape),
+                               hf[f"model.layers.{i}.self_attn.q_proj.weight"])
+        else:
+            assert q.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    f = reader.fields
+    assert f["general.architecture"].parts[-1].tobytes().decode() == "qwen3moe"
+    assert int(f["qwen3moe.expert_count"].parts[-1][0]) == n_exp
+    assert int(f["qwen3moe.expert_used_count"].parts[-1][0]) == cfg["num_experts_per_tok"]
+    assert int(f["qwen3moe.expert_feed_forward_length"].parts[-1][0]) == cfg["moe_intermediate_size"]
+
+
 def test_gguf_refuses_what_q4_0_cannot_express(tmp_path):
     make_tiny("tiny-llama", tmp_path / "g64", group_size=64)
     out = tmp_path / "out"
     p = qatctl("convert-int4", tmp_path / "g64", "--format", "gguf", "--gguf-pre", "gpt-2", "--out", out, check=False)
     assert_usage_error(p, "group size 32", "group size 64", "--group-size 32", absent=[out])
-    make_tiny("tiny-qwen3-moe", tmp_path / "moe")
+    make_tiny("tiny-qwen3-moe", tmp_path / "moe")  # norm_topk_prob false: llama.cpp's qwen3moe would renormalize
     p = qatctl("convert-int4", tmp_path / "moe", "--format", "gguf", "--gguf-pre", "gpt-2", "--out", out, check=False)
-    assert_usage_error(p, "Qwen3-MoE", absent=[out])
+    assert_usage_error(p, "norm_topk_prob false", absent=[out])
+    _set_config(tmp_path / "moe", norm_topk_prob=True, mlp_only_layers=[1])  # a dense layer llama.cpp has no slot for
+    p = qatctl("convert-int4", tmp_path / "moe", "--format", "gguf", "--gguf-pre", "gpt-2", "--out", out, check=False)
+    assert_usage_error(p, "mlp_only_layers", absent=[out])
     make_tiny("tiny-llama", tmp_path / "tiny")  # a byte-level tokenizer without GPT-2's split: no llama.cpp name
     p = qatctl("convert-int4", tmp_path / "tiny", "--format", "gguf", "--out", out, check=False)
     assert_usage_error(p, "tokenizer.json", "--gguf-pre", absent=[out])
