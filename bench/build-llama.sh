@@ -13,7 +13,15 @@ TOOLS=(llama-bench llama-cli llama-quantize llama-server)
 CPU_FLAGS=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|amx|f16c|fma|sse|bmi)' | sort | tr '\n' ' ')
 done_all=1; for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || done_all=0; done
 [ "$(cat "$DIR/BUILT_FOR" 2>/dev/null)" = "$CPU_FLAGS" ] || done_all=0
-if [ "$done_all" = 1 ]; then echo "$BIN"; exit 0; fi
+# The llama.cpp commit the sdist vendors: the HEAD of its vendor/llama.cpp submodule, kept in the
+# sdist's .git (its CHANGELOG says the same: "update llama.cpp to ggml-org/llama.cpp@<commit>").
+vendored_commit() { tar xzf "$1" -O --wildcards '*/.git/modules/vendor/llama.cpp/HEAD' 2>/dev/null | head -c 40; }
+if [ "$done_all" = 1 ]; then
+  if ! grep -q '^llama.cpp commit:' "$DIR/VERSION" 2>/dev/null; then  # a build made before the line existed
+    c=$(vendored_commit "$(ls "$DIR"/sdist/llama_cpp_python-*.tar.gz | head -1)"); [ -n "$c" ] && echo "llama.cpp commit: $c" >> "$DIR/VERSION"
+  fi
+  echo "$BIN"; exit 0
+fi
 mkdir -p "$DIR" && cd "$DIR"
 # The sdist straight from the registry's JSON API: `pip download --no-binary :all:` would build the
 # package's build dependencies (cmake among them) from source just to read its metadata.
@@ -27,8 +35,8 @@ urllib.request.urlretrieve(urllib.parse.urljoin(api, sdist["url"]), os.path.join
 PY
 SDIST=$(ls sdist/llama_cpp_python-*.tar.gz | head -1)
 rm -rf src && mkdir src && tar xzf "$SDIST" -C src --strip-components=3 --wildcards '*/vendor/llama.cpp/*'
-{ echo "llama-cpp-python sdist: $(basename "$SDIST")";
-  grep -m1 -E 'LLAMA_BUILD_NUMBER|BUILD_NUMBER' src/CMakeLists.txt src/cmake/build-info.cmake 2>/dev/null || true; } > VERSION
+COMMIT=$(vendored_commit "$SDIST")
+{ echo "llama-cpp-python sdist: $(basename "$SDIST")"; echo "llama.cpp commit: ${COMMIT:-unknown (no submodule HEAD in the sdist)}"; } > VERSION
 cd src
 # -march=native, except where the CPU lists AMX: ggml then compiles its AMX matmul, which died of
 # SIGILL on a VM that lists amx_tile (measured 2026-12-03, Intel Xeon); there the ISA is named flag by
@@ -42,7 +50,9 @@ if [[ " $CPU_FLAGS " == *" amx_tile "* ]]; then
        -DGGML_AVX512_BF16="$(has avx512_bf16)" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
 fi
 echo "cmake ISA: ${ISA[*]}" >> "$DIR/VERSION"
-cmake -B build -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+# the sdist has no git work tree, so llama.cpp's build info would say "unknown": name the commit
+INFO=(); [ -n "$COMMIT" ] && INFO=(-DLLAMA_BUILD_COMMIT="${COMMIT:0:9}")
+cmake -B build -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" "${INFO[@]}" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON > build.log 2>&1
 cmake --build build --target "${TOOLS[@]}" -j"$(nproc)" >> build.log 2>&1
 echo "$CPU_FLAGS" > "$DIR/BUILT_FOR"

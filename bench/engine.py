@@ -230,19 +230,24 @@ def prefill_exact(int4: Path, rounds: int = 5) -> None:
     write_section("prefill-exact", lines)
 
 
+DECODE_CONTEXT = 16  # tokens before the decoded ones, both sides: ours a prompt of that length, llama-bench's -d
+
+
 def _llama_bench_once(binary: Path, gguf: Path, threads: int, prompt: int, new: int) -> tuple[float, float, str]:
-    """One llama-bench repetition (-r 1): (prefill tok/s of `prompt` tokens, decode tok/s of `new`
-    tokens, build commit)."""
+    """One llama-bench repetition (-r 1): (prefill tok/s of `prompt` tokens from an empty context,
+    decode tok/s of `new` tokens after DECODE_CONTEXT tokens of context (-d: ours decodes after a
+    prompt of that length), build commit)."""
     import json
     import subprocess
 
     p = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(new),
-                        "-r", "1", "-o", "json"], capture_output=True, text=True, timeout=900)
+                        "-d", f"0,{DECODE_CONTEXT}", "-r", "1", "-o", "json"], capture_output=True, text=True,
+                       timeout=900)
     if p.returncode != 0:
         raise SystemExit(f"llama-bench failed ({p.returncode}): {p.stderr[-500:]}")
     runs = json.loads(p.stdout)
-    tg = next(r for r in runs if r.get("n_gen", 0) > 0)
-    pp = next(r for r in runs if r.get("n_prompt", 0) > 0)
+    tg = next(r for r in runs if r.get("n_gen", 0) > 0 and r.get("n_depth", 0) == DECODE_CONTEXT)
+    pp = next(r for r in runs if r.get("n_prompt", 0) > 0 and r.get("n_depth", 0) == 0)
     return pp["avg_ts"], tg["avg_ts"], str(tg.get("build_commit", "?"))
 
 
@@ -323,7 +328,7 @@ def vs_llama_cpp(rounds: int = 5, prompt: int = 256, new: int = 128) -> None:
              f"blocks of the same codes and scales) for llama.cpp; the original Q4_1 GGUF as a second llama.cpp row. "
              f"{rounds} interleaved rounds (qatctl, qatctl serve, llama.cpp export, llama.cpp Q4_1), {threads} threads "
              f"each; prefill: one {prompt}-token prompt (llama-bench pp{prompt}); decode: {new} tokens at batch 1 "
-             f"(ours after a 16-token prompt, prefill subtracted; llama-bench tg{new}: from an empty context; serve: "
+             f"(after {DECODE_CONTEXT} tokens of context on both sides: ours a {DECODE_CONTEXT}-token prompt, prefill subtracted; llama-bench tg{new} at -d {DECODE_CONTEXT}; serve: "
              f"one /generate, its prefill included). Every figure is the median (min-max) over the rounds; ratios are "
              f"the median (min-max) of the per-round ratios against llama.cpp on the export.", "",
              "| | prefill tok/s | decode tok/s | prefill vs llama.cpp export | decode vs llama.cpp export |",
@@ -343,7 +348,8 @@ def _llama_version() -> str:
     lines = f.read_text().splitlines()
     isa = next((ln for ln in lines if ln.startswith("cmake ISA:")), "")
     isa = "-march=native" if "GGML_NATIVE=ON" in isa else "ISA named flag by flag, AMX off" if isa else "?"
-    return f"{lines[0]}; {isa}"
+    commit = next((ln.split(":", 1)[1].strip()[:9] for ln in lines if ln.startswith("llama.cpp commit:")), "unknown")
+    return f"{lines[0]}, vendoring ggml-org/llama.cpp@{commit}; {isa}"
 
 
 def main() -> None:

@@ -11,7 +11,11 @@ accuracy-{val,test,test-oot}-{int4,dense}.json with per-problem rewards) and wri
 - docs/exp-reward.png (reward per iteration: per-seed lines faint, the seeds' mean of a 5-iteration
   moving average bold, its min-max band), docs/exp-accuracy.png (test accuracy per link, 95% CI) and,
   where a seed has the int4-qat-exact arm (--true-on-policy), docs/exp-on-policy.png (its reward and
-  mismatch per iteration beside int4-qat's from the same start and seed).
+  mismatch per iteration beside int4-qat's from the same start and seed);
+- the tables between `<!-- results:llama-gap -->` and `<!-- results:llama-moe -->` markers: the
+  logprob gap between llama.cpp and qatctl on the same weights, from each record of
+  bench/llama_cpp_logprobs.py under results/llama-cpp/same-weights/ and results/llama-cpp/qwen3-moe/
+  (bench/llama_cpp_moe.py).
 Nothing here is typed by hand: every number comes from the records.
 """
 
@@ -253,9 +257,31 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
     return out
 
 
-def write_doc(doc: Path, body: str) -> None:
+def write_doc(doc: Path, body: str, marker: str = "exp") -> None:
     text = doc.read_text() if doc.exists() else "# Results\n"
-    doc.write_text(replace_section(text, "<!-- results:exp -->", "<!-- /results:exp -->", body))
+    doc.write_text(replace_section(text, f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->", body))
+
+
+GAPS = {"llama-gap": REPO / "results" / "llama-cpp" / "same-weights",  # marker -> records of llama_cpp_logprobs.py
+        "llama-moe": REPO / "results" / "llama-cpp" / "qwen3-moe"}
+
+
+def gap_table(records: list[Path]) -> str:
+    """bench/llama_cpp_logprobs.py's pairs, one table per record: mean / p99 / max |dlogp| and how
+    often the greedy token agrees, over the same tokens (llama.cpp's greedy completions)."""
+    lines = []
+    for f in records:
+        r = json.loads(f.read_text())
+        lines += [f"Record `{f.relative_to(REPO) if f.is_relative_to(REPO) else f}`: {r['sequences']} prompts of "
+                  f"`{r['prompts']}`, {r['max_new_tokens']} new tokens, {r['machine']}, {r['llama_cpp']}, "
+                  f"engine kernel {r['engine']['kernel']}.", "",
+                  "| pair (the same tokens) | tokens | mean abs dlogp | p99 | max | greedy token agrees |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, m in r["pairs"].items():
+            lines.append(f"| {name} | {m['tokens']} | {m['mean_abs_diff']:.4f} | {m['p99_abs_diff']:.3f} | "
+                         f"{m['max_abs_diff']:.3f} | {100 * m['greedy_agreement']:.1f}% |")
+        lines.append("")
+    return "\n".join(lines).strip()
 
 
 def main() -> None:
@@ -275,6 +301,10 @@ def main() -> None:
         args.tables.write_text(body)
     if not args.no_doc:
         write_doc(args.doc, body)
+        for marker, folder in GAPS.items():
+            gaps = sorted(folder.glob("*.json"))
+            if gaps and f"<!-- results:{marker} -->" in args.doc.read_text():
+                write_doc(args.doc, gap_table(gaps), marker)
     if not args.no_plots:
         for p in plots(runs, args.png_dir):
             print(f"wrote {p}")
