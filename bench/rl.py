@@ -108,15 +108,19 @@ def sync_vs_reload(start: Path) -> dict:
 
 
 def true_on_policy(start: Path) -> None:
-    """The int4-qat arm at the short shape, default mode vs --true-on-policy, at --mini-batches 1
-    (the update's forward is the scoring pass) and 2 (a separate scoring pass, which the mode
-    skips), interleaved per round. Writes docs/benchmarks.md#rl-true-on-policy."""
-    modes = {(tp, mb): {"true_on_policy": tp, "mini_batches": mb} for mb in (1, 2) for tp in (False, True)}
+    """Both arms the mode serves (int4-qat: the W4A16 path; bf16: the dense path, whose default
+    rollouts are torch's oneDNN matmul and whose mode's are the native W16A16 step) at the short
+    shape, default mode vs --true-on-policy, at --mini-batches 1 (the update's forward is the
+    scoring pass) and 2 (a separate scoring pass, which the mode skips), interleaved per round.
+    Writes docs/benchmarks.md#rl-true-on-policy."""
+    arms = {"int4-qat": {}, "bf16": {"rollout_precision": "bf16"}}
+    modes = {(a, tp, mb): {"true_on_policy": tp, "mini_batches": mb, **kw}
+             for a, kw in arms.items() for mb in (1, 2) for tp in (False, True)}
     runs: dict = {k: [] for k in modes}
     for r in range(ROUNDS):
         for k, kw in modes.items():
-            runs[k].append(arm(start, f"tp{int(k[0])}-mb{k[1]}", "short", **kw))
-            print(f"round {r + 1}/{ROUNDS}: true_on_policy={k[0]} mini_batches={k[1]} done", file=sys.stderr)
+            runs[k].append(arm(start, f"{k[0]}-tp{int(k[1])}-mb{k[2]}", "short", **kw))
+            print(f"round {r + 1}/{ROUNDS}: {k[0]} true_on_policy={k[1]} mini_batches={k[2]} done", file=sys.stderr)
     phases = ("rollout", "score", "update", "update_native_forward", "sync", "iteration")
 
     def per_run(ms, key):
@@ -130,22 +134,28 @@ def true_on_policy(start: Path) -> None:
 
     sh = SHAPES["short"]
     lines = [f"## RL iteration: default vs --true-on-policy ({datetime.date.today()})", "",
-             f"Machine: {machine()}. `python bench/rl.py --true-on-policy`: the int4-qat arm on SmolLM2-135M from "
-             f"`{start.relative_to(ROOT)}`, the arithmetic task, {sh['prompts_per_step']} prompts x "
+             f"Machine: {machine()}. `python bench/rl.py --true-on-policy`: the int4-qat and bf16 arms on "
+             f"SmolLM2-135M from `{start.relative_to(ROOT)}`, the arithmetic task, {sh['prompts_per_step']} prompts x "
              f"{sh['samples_per_prompt']} samples x {sh['max_new_tokens']} new tokens, lr 1e-5, seed 0; seconds per "
              f"phase, mean of iterations 2-3 of 3, median (min-max) over {ROUNDS} interleaved rounds. "
              "update_native_forward (part of update): the engine's exact forward that gives the mode's logprob "
-             "values (and, at mini-batch 2, the engine's refresh to the updated weights).", ""]
-    for mb in (1, 2):
-        a, b = runs[(False, mb)], runs[(True, mb)]
-        lines += [f"**--mini-batches {mb}**", "", "| phase (seconds) | default | --true-on-policy |", "|---|---:|---:|"]
-        for phase in phases:
-            lines.append(f"| {phase} | {cell([per_run(m, phase) for m in a])} | {cell([per_run(m, phase) for m in b])} |")
-        ratio = [per_run(y, "iteration") / per_run(x, "iteration") for x, y in zip(a, b, strict=True)]
-        mism = [ms[-1].get("train_rollout_logprob_abs_diff_mean") for ms in a]
-        lines += ["", f"Iteration time, --true-on-policy / default (paired by round): **{cell(ratio)}x**; mismatch "
-                  f"(mean |dlogp|, last iteration) default {median(mism):.4f} ({min(mism):.4f}-{max(mism):.4f}), true on-policy exactly 0 "
-                  f"({sum(m['mismatch_checked_tokens'] for ms in b for m in ms)} tokens checked, all equal).", ""]
+             "values (a prompt's samples scored together; at mini-batch 2 also the engine's refresh to the updated "
+             "weights). The bf16 arm's default rollouts run torch's oneDNN BF16 matmul, its mode's the native "
+             "W16A16 step (the only exact dense path).", ""]
+    for name in arms:
+        for mb in (1, 2):
+            a, b = runs[(name, False, mb)], runs[(name, True, mb)]
+            lines += [f"**{name}, --mini-batches {mb}**", "", "| phase (seconds) | default | --true-on-policy |",
+                      "|---|---:|---:|"]
+            for phase in phases:
+                lines.append(f"| {phase} | {cell([per_run(m, phase) for m in a])} | "
+                             f"{cell([per_run(m, phase) for m in b])} |")
+            ratio = [per_run(y, "iteration") / per_run(x, "iteration") for x, y in zip(a, b, strict=True)]
+            mism = [ms[-1].get("train_rollout_logprob_abs_diff_mean") for ms in a]
+            lines += ["", f"Iteration time, --true-on-policy / default (paired by round): **{cell(ratio)}x**; "
+                      f"mismatch (mean |dlogp|, last iteration) default {median(mism):.4f} ({min(mism):.4f}-"
+                      f"{max(mism):.4f}), true on-policy exactly 0 "
+                      f"({sum(m['mismatch_checked_tokens'] for ms in b for m in ms)} tokens checked, all equal).", ""]
     write_section("rl-true-on-policy", lines)
 
 
