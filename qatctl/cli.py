@@ -91,7 +91,12 @@ def _run(stage_run, config):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            return stage_run(config)
+            result = stage_run(config)
+        if "torch.distributed" in sys.modules:  # a DeepSpeed run's process group ends with it
+            from qatctl.train import end_distributed
+
+            end_distributed()
+        return result
     except QatctlError as e:
         if _state["debug"]:
             raise

@@ -149,6 +149,20 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def end_distributed() -> None:
+    """Destroy the process group after a stage that ended well, while the interpreter is whole.
+
+    A process that exits with gloo's worker threads still alive aborts in finalization
+    ("terminate called without an active exception", SIGABRT on some rank, seen in CI after a
+    resumed ZeRO-3 run had written its artifact). Not after an error: a rank still inside a
+    collective would make the others wait here forever.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     """All ranks meet here (nothing without a process group)."""
     import torch.distributed as dist
