@@ -4,6 +4,7 @@ an engine reload.
 
     python bench/rl.py          (make bench; RUNS=3 rounds by default)
     python bench/rl.py --true-on-policy    (default mode vs --true-on-policy, its own section)
+    python bench/rl.py --beside-busy       (1 and 2 threads, alone and beside one busy process)
 
 On SmolLM2-135M (init-qat of the GGUF, or runs/demo/sft when `make demo` has made it), one thread
 count for everything. Two shapes:
@@ -22,6 +23,7 @@ import datetime
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -159,11 +161,85 @@ def true_on_policy(start: Path) -> None:
     write_section("rl-true-on-policy", lines)
 
 
+BUSY_CONFIGS = {"1 thread, alone": (1, False, True), "2 threads, alone": (2, False, True),
+                "2 threads, beside one busy process": (2, True, True),
+                "2 threads, beside one busy process, intra-op update": (2, True, False)}
+
+
+def beside_busy(start: Path) -> None:
+    """The int4-qat arm at the short shape (rl-step --mini-batches 1), each run a fresh process at
+    OMP_NUM_THREADS 1 or 2, alone or beside one busy single-threaded process (a Python spin loop:
+    a second run or a test suite on a 2-core machine), interleaved per round. The last row runs
+    the update's micro-batches one after another on torch's intra-op threads (the loop before
+    they ran on worker threads). Writes docs/benchmarks.md#rl-beside-busy."""
+    runs: dict = {k: [] for k in BUSY_CONFIGS}
+    for r in range(ROUNDS):
+        for name, (threads, busy, workers) in BUSY_CONFIGS.items():
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "passive"}
+            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            try:
+                p = subprocess.run([sys.executable, __file__, "--one-run", str(start), str(int(workers))], env=env,
+                                   capture_output=True, text=True, timeout=3600, check=True)
+            finally:
+                if spinner is not None:
+                    spinner.kill()
+                    spinner.wait()
+            runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{ROUNDS}: {name} done", file=sys.stderr)
+    phases = ("rollout", "score", "update", "sync", "iteration")
+
+    def per_run(ms, key):
+        vals = [m.get(f"seconds_{key}") for m in ms[1:]]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def cell(vals):
+        vals = sorted(v for v in vals if v is not None)
+        return f"{median(vals):.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if vals else "-"
+
+    sh = SHAPES["short"]
+    names = list(BUSY_CONFIGS)
+    lines = [f"## RL iteration beside a busy process ({datetime.date.today()})", "",
+             f"Machine: {machine()}. `python bench/rl.py --beside-busy`: the int4-qat arm on SmolLM2-135M from "
+             f"`{start.relative_to(ROOT)}`, the arithmetic task, {sh['prompts_per_step']} prompts x "
+             f"{sh['samples_per_prompt']} samples x {sh['max_new_tokens']} new tokens, --mini-batches 1, lr 1e-5, "
+             "seed 0; each run a fresh process (OMP_NUM_THREADS as named, OMP_WAIT_POLICY=passive); the busy "
+             "process is one Python spin loop. Seconds per phase, mean of iterations 2-3 of 3, median (min-max) "
+             f"over {ROUNDS} interleaved rounds. intra-op update: the update's micro-batches one after another on "
+             "torch's own threads (before they ran on worker threads).", "",
+             "| phase (seconds) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for phase in phases:
+        lines.append(f"| {phase} | " + " | ".join(cell([per_run(ms, phase) for ms in runs[n]]) for n in names) + " |")
+    alone1 = [per_run(ms, "iteration") for ms in runs[names[0]]]
+    lines.append("")
+    for n in names[2:]:
+        ratio = [a / per_run(ms, "iteration") for a, ms in zip(alone1, runs[n], strict=True)]
+        lines.append(f"- {n} vs 1 thread alone (iteration, paired by round; above 1: faster): **{cell(ratio)}x**")
+    write_section("rl-beside-busy", lines)
+
+
+def one_run(start: Path, workers: bool) -> None:
+    """A child of beside_busy: one 3-iteration run; prints its metrics rows as JSON."""
+    from qatctl.train import Trainer
+
+    Trainer.threaded_micro_batches = workers
+    ms = arm(start, f"busy-{os.getpid()}", "short")
+    shutil.rmtree(RUNS / f"busy-{os.getpid()}-short", ignore_errors=True)
+    print(json.dumps(ms))
+
+
 def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
+    if "--one-run" in sys.argv[1:]:
+        i = sys.argv.index("--one-run")
+        one_run(Path(sys.argv[i + 1]), sys.argv[i + 2] == "1")
+        return
     start = policy()
     if "--true-on-policy" in sys.argv[1:]:
         true_on_policy(start)
+        return
+    if "--beside-busy" in sys.argv[1:]:
+        beside_busy(start)
         return
     arms = {"int4-qat": {}, "bf16": {"rollout_precision": "bf16"}}
     runs: dict = {(a, sh): [] for sh in SHAPES for a in arms}
