@@ -43,7 +43,6 @@ bench: setup
 	$(BIN)/python bench/rl.py --true-on-policy
 	$(BIN)/python bench/rl.py --beside-busy
 	$(BIN)/python bench/shared_cores.py
-	$(BIN)/python bench/shared_cores.py --train
 	$(BIN)/python bench/engine.py --prefill
 	$(BIN)/python bench/kernel_mismatch.py
 	if [ -n "$$LLAMA_BIN" ]; then $(BIN)/python bench/engine.py --vs-llama-cpp; else echo 'bench: llama.cpp on the same weights skipped (LLAMA_BIN=$$(bash bench/build-llama.sh) make bench)'; fi

@@ -161,24 +161,22 @@ def true_on_policy(start: Path) -> None:
     write_section("rl-true-on-policy", lines)
 
 
-BUSY_CONFIGS = {"1 thread, alone": (1, False, True), "2 threads, alone": (2, False, True),
-                "2 threads, beside one busy process": (2, True, True),
-                "2 threads, beside one busy process, intra-op update": (2, True, False)}
+BUSY_CONFIGS = {"1 thread, alone": (1, False), "2 threads, alone": (2, False),
+                "1 thread, beside one busy process": (1, True), "2 threads, beside one busy process": (2, True)}
 
 
 def beside_busy(start: Path) -> None:
     """The int4-qat arm at the short shape (rl-step --mini-batches 1), each run a fresh process at
     OMP_NUM_THREADS 1 or 2, alone or beside one busy single-threaded process (a Python spin loop:
-    a second run or a test suite on a 2-core machine), interleaved per round. The last row runs
-    the update's micro-batches one after another on torch's intra-op threads (the loop before
-    they ran on worker threads). Writes docs/benchmarks.md#rl-beside-busy."""
+    a second run or a test suite on a 2-core machine), interleaved per round. Writes
+    docs/benchmarks.md#rl-beside-busy."""
     runs: dict = {k: [] for k in BUSY_CONFIGS}
     for r in range(ROUNDS):
-        for name, (threads, busy, workers) in BUSY_CONFIGS.items():
+        for name, (threads, busy) in BUSY_CONFIGS.items():
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "passive"}
             spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
             try:
-                p = subprocess.run([sys.executable, __file__, "--one-run", str(start), str(int(workers))], env=env,
+                p = subprocess.run([sys.executable, __file__, "--one-run", str(start)], env=env,
                                    capture_output=True, text=True, timeout=3600, check=True)
             finally:
                 if spinner is not None:
@@ -205,24 +203,20 @@ def beside_busy(start: Path) -> None:
              f"{sh['samples_per_prompt']} samples x {sh['max_new_tokens']} new tokens, --mini-batches 1, lr 1e-5, "
              "seed 0; each run a fresh process (OMP_NUM_THREADS as named, OMP_WAIT_POLICY=passive); the busy "
              "process is one Python spin loop. Seconds per phase, mean of iterations 2-3 of 3, median (min-max) "
-             f"over {ROUNDS} interleaved rounds. intra-op update: the update's micro-batches one after another on "
-             "torch's own threads (before they ran on worker threads).", "",
+             f"over {ROUNDS} interleaved rounds.", "",
              "| phase (seconds) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for phase in phases:
         lines.append(f"| {phase} | " + " | ".join(cell([per_run(ms, phase) for ms in runs[n]]) for n in names) + " |")
     alone1 = [per_run(ms, "iteration") for ms in runs[names[0]]]
     lines.append("")
-    for n in names[2:]:
+    for n in names[1:]:
         ratio = [a / per_run(ms, "iteration") for a, ms in zip(alone1, runs[n], strict=True)]
         lines.append(f"- {n} vs 1 thread alone (iteration, paired by round; above 1: faster): **{cell(ratio)}x**")
     write_section("rl-beside-busy", lines)
 
 
-def one_run(start: Path, workers: bool) -> None:
+def one_run(start: Path) -> None:
     """A child of beside_busy: one 3-iteration run; prints its metrics rows as JSON."""
-    from qatctl.train import Trainer
-
-    Trainer.threaded_micro_batches = workers
     ms = arm(start, f"busy-{os.getpid()}", "short")
     shutil.rmtree(RUNS / f"busy-{os.getpid()}-short", ignore_errors=True)
     print(json.dumps(ms))
@@ -232,7 +226,7 @@ def main() -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     if "--one-run" in sys.argv[1:]:
         i = sys.argv.index("--one-run")
-        one_run(Path(sys.argv[i + 1]), sys.argv[i + 2] == "1")
+        one_run(Path(sys.argv[i + 1]))
         return
     start = policy()
     if "--true-on-policy" in sys.argv[1:]:

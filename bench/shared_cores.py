@@ -9,15 +9,6 @@ spin loop: what a second run or a test suite does to a 2-core machine), under Op
 wait policy and OMP_WAIT_POLICY=passive. Configurations interleave, RUNS rounds; each cell is the
 median (min-max) over rounds. The goal (issue 28): 2 threads beside one busy process no slower
 than 1 thread alone. Writes docs/benchmarks.md#shared-cores.
-
-    python bench/shared_cores.py --train  (make bench)
-
-The RL update's optimizer step as rl-step runs it: 32 sequences x 48 tokens in 4 micro-batches of 8
-(rl-step's --micro-batch), fake quant, through qatctl.train's Trainer, with its micro-batches on
-worker threads (the default: each micro-batch single-threaded on one worker, the next one taken by
-whichever worker is free) and on torch's intra-op threads (the loop before it), alternating in one
-process; at 1 and 2 threads, alone and beside the busy process (OMP_WAIT_POLICY=passive, as qatctl
-sets it). Writes docs/benchmarks.md#shared-cores-train.
 """
 
 from __future__ import annotations
@@ -68,53 +59,14 @@ def worker(ckpt: Path, int4: Path) -> dict:
     return out
 
 
-def train_worker(ckpt: Path) -> dict:
-    import torch
-
-    from qatctl import models
-    from qatctl.artifacts import read_artifact
-    from qatctl.quant import QuantScheme
-    from qatctl.train import OptimSettings, make_trainer
-
-    model, _ = models.load_checkpoint(ckpt)
-    models.apply_fake_quant(model, QuantScheme.from_manifest(read_artifact(ckpt).manifest["quant"]))
-    model.train()
-    trainer = make_trainer(model, OptimSettings(lr=1e-6), total_steps=100, batch_size=32, micro_batch=8)
-    ids = torch.randint(100, 4000, (32, 48), generator=torch.Generator().manual_seed(0))
-    tokens = ids.shape[0] * (ids.shape[1] - 1)
-
-    def loss_fn(m, mb):
-        logits = m(input_ids=mb).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), mb[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        return loss / tokens, {}
-
-    mbs = [ids[i:i + 8] for i in range(0, 32, 8)]
-    modes = ("workers", "intra-op") if torch.get_num_threads() > 1 else ("intra-op",)
-    times: dict = {m: [] for m in modes}
-    for _ in range(3):  # the first of each mode warms up
-        for mode in modes:
-            trainer.threaded_micro_batches = mode == "workers"
-            t = time.perf_counter()
-            trainer.step(mbs, loss_fn)
-            times[mode].append(time.perf_counter() - t)
-    out = {"threads": torch.get_num_threads()}
-    for mode in modes:
-        out[mode] = sorted(times[mode][1:])[0]
-    if len(modes) == 1:
-        out["workers"] = out["intra-op"]  # one thread: the same loop either way
-    return out
-
-
-def run_config(threads: int, busy: bool, passive: bool, ckpt: Path, int4: Path, train: bool = False) -> dict:
+def run_config(threads: int, busy: bool, passive: bool, ckpt: Path, int4: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("OMP_WAIT_POLICY", None)
     if passive:
         env["OMP_WAIT_POLICY"] = "passive"
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        args = ["--train-worker", str(ckpt)] if train else ["--worker", str(ckpt), str(int4)]
-        p = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
+        p = subprocess.run([sys.executable, __file__, "--worker", str(ckpt), str(int4)], env=env, capture_output=True,
                            text=True, timeout=1800, check=True)
     finally:
         if spinner is not None:
@@ -172,59 +124,9 @@ def main() -> None:
     write_section("shared-cores", lines)
 
 
-def main_train() -> None:
-    sys.path.insert(0, str(ROOT))
-    from bench._report import machine, median, write_section
-    from stages import init_qat
-
-    ckpt = RUNS / "init"
-    init_qat.run(init_qat.InitQatConfig(model="smollm2-135m", out=ckpt))
-    configs = [(t, busy) for busy in (False, True) for t in (1, 2)]
-    results: dict = {c: [] for c in configs}
-    for r in range(ROUNDS):
-        for c in configs:
-            results[c].append(run_config(c[0], c[1], True, ckpt, ckpt, train=True))
-            print(f"round {r + 1}/{ROUNDS} {c}: {results[c][-1]}", file=sys.stderr)
-
-    def cell(c, key):
-        vals = sorted(x[key] for x in results[c])
-        return f"{median(vals):.2f} ({vals[0]:.2f}-{vals[-1]:.2f})"
-
-    rows = [f"| {t} | {'one busy process' if busy else 'alone'} | {cell((t, busy), 'workers')} | "
-            f"{cell((t, busy), 'intra-op')} |" for t, busy in configs]
-    med = lambda c, k: median([x[k] for x in results[c]])  # noqa: E731
-    alone1 = med((1, False), "intra-op")
-    lines = [
-        f"## Sharing the cores: the RL update's optimizer step ({datetime.date.today()})",
-        "",
-        f"Machine: {machine()}. `python bench/shared_cores.py --train`: SmolLM2-135M with fake quant, one "
-        "optimizer step of 32 sequences x 48 tokens in 4 micro-batches of 8 (rl-step's --micro-batch) through "
-        "qatctl.train's Trainer (forward, backward, AdamW), seconds; each configuration a fresh process "
-        "(OMP_WAIT_POLICY=passive), both modes alternating in it, each the faster of 2 steps after a warm-up; "
-        f"median (min-max) of {ROUNDS} interleaved rounds. workers: the micro-batches on worker threads "
-        "(single-threaded each, the next taken by whichever worker is free: the default); intra-op: one "
-        "micro-batch after another on torch's own threads (the loop before). At 1 thread both are the same loop.",
-        "",
-        "| threads | beside | workers s | intra-op s |",
-        "|---:|---|---:|---:|",
-        *rows,
-        "",
-        f"- 2 threads beside a busy process vs 1 thread alone: workers {alone1 / med((2, True), 'workers'):.2f}x, "
-        f"intra-op {alone1 / med((2, True), 'intra-op'):.2f}x (above 1: faster)",
-        f"- 2 threads alone vs 1 thread alone: workers {alone1 / med((2, False), 'workers'):.2f}x, "
-        f"intra-op {alone1 / med((2, False), 'intra-op'):.2f}x",
-    ]
-    write_section("shared-cores-train", lines)
-
-
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         sys.path.insert(0, str(ROOT))
         print(json.dumps(worker(Path(sys.argv[2]), Path(sys.argv[3]))))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--train-worker":
-        sys.path.insert(0, str(ROOT))
-        print(json.dumps(train_worker(Path(sys.argv[2]))))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--train":
-        main_train()
     else:
         main()

@@ -13,16 +13,6 @@ target weight is fake-quantized at its first use and the cached w_hat serves eve
 (the STE backward is the identity or a mask, so backpropagating through it once per
 micro-batch is exact).
 
-Threads: without DeepSpeed, a step of two or more micro-batches runs them on worker threads
-(one per torch thread), each micro-batch's forward and backward single-threaded on one worker,
-the next micro-batch taken by whichever worker is free, and their gradients added in micro-batch
-order (exactly what gradient accumulation computes). torch's parallel regions are statically
-scheduled: every one waits for its slowest thread, so one core shared with another process made
-the whole step slower than one thread alone (bench/shared_cores.py); a worker that is slow now
-just takes fewer micro-batches. Each micro-batch being one thread's fixed sequence of ops, the
-step's bits do not depend on the thread count (tests/test_train_sft_qat.py). One micro-batch per
-step uses torch's own intra-op threads, as before.
-
 Checkpoints (`save_state` / `load_state`) hold fp32 masters, optimizer, scheduler and RNG
 states as safetensors + JSON (qatctl/state.py: no pickle is ever loaded); the numbered step
 folders, resume and metrics.jsonl of a run live in qatctl/trainrun.py, for both stages.
@@ -42,7 +32,6 @@ import json
 import math
 import os
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +99,6 @@ def resolve_compute_dtype(choice: str, device: torch.device) -> str:
         console.log("--compute-dtype bf16: this CPU has no AVX512-BF16/AMX instructions; BF16 matmuls "
                     "will be slower than fp32 here")
     return resolved
-
-
-def _autocast_of(compute_dtype: str, device: torch.device):
-    """The autocast half of compute_context, for a worker thread (autocast state is per thread)."""
-    if compute_dtype != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -256,119 +238,20 @@ class Trainer:
         total, infos = 0.0, []
         with parametrize.cached() if self.cache_weights else contextlib.nullcontext():
             mine = self.shard(micro_batches)
-            workers = self.micro_batch_workers(len(mine))
-            if workers > 1:
-                total, infos = self._step_on_workers(mine, loss_fn, workers)
-            for i, mb in enumerate(mine if workers <= 1 else ()):
+            for i, mb in enumerate(mine):
                 self._micro_batch(i, len(mine))
                 with self.compute():
                     loss, info = loss_fn(self.forward_module, mb)
-                self._check_loss(loss)
+                if not torch.isfinite(loss.detach()).all():
+                    raise QatctlError(f"the loss is {float(loss.detach())} (non-finite) at optimizer step "
+                                      f"{self.steps_done + 1}; nothing was committed, the last resume state is intact",
+                                      exit_code=1)
                 self._backward(loss)
                 total += float(loss.detach())
                 infos.append(info)
         grad_norm = self._update()
         self.steps_done += 1
         return {"loss": self.reduce_sum(total), "grad_norm": grad_norm, "lr": lr, "infos": infos}
-
-    def _check_loss(self, loss) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            raise QatctlError(f"the loss is {float(loss.detach())} (non-finite) at optimizer step "
-                              f"{self.steps_done + 1}; nothing was committed, the last resume state is intact",
-                              exit_code=1)
-
-    # Micro-batches on worker threads (the module docstring's "Threads"); bench/shared_cores.py
-    # sets it False to measure torch's own intra-op threads beside it.
-    threaded_micro_batches = True
-
-    def micro_batch_workers(self, count: int) -> int:
-        """Worker threads for a step of `count` micro-batches (1: the ordinary loop)."""
-        if not self.threaded_micro_batches or self.device.type != "cpu":
-            return 1
-        return max(1, min(torch.get_num_threads(), count))
-
-    def _step_on_workers(self, mine: list, loss_fn, workers: int) -> tuple[float, list]:
-        """Each micro-batch's forward and backward on one worker thread (torch single-threaded
-        there), taken in order by whichever worker is free; the main thread adds the gradients
-        into .grad in micro-batch order, as loss.backward() after loss.backward() would. At most
-        2 x workers micro-batches are running or waiting to be added (each waiting one holds a
-        gradient the size of the trained weights: memory stays bounded, and a free worker can run
-        ahead of a slow one by that much)."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        if self.cache_weights:  # every fake-quant weight computed once, here, before the workers share it
-            with self.compute():
-                for m in self.model.modules():
-                    if parametrize.is_parametrized(m):
-                        for name in m.parametrizations:
-                            getattr(m, name)
-        threads = torch.get_num_threads()
-        done: dict[int, tuple] = {}
-        state_ = {"next": 0, "added": 0, "error": None}
-        cond = threading.Condition()
-
-        def work() -> None:
-            torch.set_num_threads(1)  # this thread's OpenMP/MKL teams (and torch's default for new threads)
-            while True:
-                with cond:
-                    while (state_["error"] is None and state_["next"] < len(mine)
-                           and state_["next"] - state_["added"] >= 2 * workers):
-                        cond.wait()
-                    if state_["error"] is not None or state_["next"] >= len(mine):
-                        return
-                    i = state_["next"]
-                    state_["next"] += 1
-                try:
-                    with _autocast_of(self.compute_dtype, self.device):
-                        loss, info = loss_fn(self.forward_module, mine[i])
-                    self._check_loss(loss)
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    item = (float(loss.detach()), info, grads)
-                except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-                    with cond:
-                        state_["error"] = state_["error"] or e
-                        cond.notify_all()
-                    return
-                with cond:
-                    done[i] = item
-                    cond.notify_all()
-
-        pool = [threading.Thread(target=work, name=f"qatctl-micro-batch-{k}", daemon=True) for k in range(workers)]
-        total, infos = 0.0, []
-        try:
-            with self.compute():  # the lm_head's fp32 forward under bf16 (autocast itself is per thread)
-                for t in pool:
-                    t.start()
-                for i in range(len(mine)):
-                    with cond:
-                        while i not in done and state_["error"] is None:
-                            cond.wait()
-                        if state_["error"] is not None:
-                            break
-                        loss, info, grads = done.pop(i)
-                    with torch.no_grad():
-                        for p, g in zip(params, grads, strict=True):
-                            if g is not None:
-                                if p.grad is None:
-                                    p.grad = g
-                                else:
-                                    p.grad += g
-                    total += loss
-                    infos.append(info)
-                    with cond:
-                        state_["added"] = i + 1
-                        cond.notify_all()
-        finally:
-            with cond:
-                if state_["error"] is None and len(infos) < len(mine):
-                    state_["error"] = RuntimeError("interrupted")
-                cond.notify_all()
-            for t in pool:
-                t.join()
-            torch.set_num_threads(threads)  # torch's default for later threads, as it was
-        if state_["error"] is not None and len(infos) < len(mine):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise state_["error"]
-        return total, infos
 
     def _micro_batch(self, index: int, count: int) -> None:
         """Before micro-batch `index` of this rank's `count` in one step."""
@@ -427,7 +310,6 @@ class DeepSpeedTrainer(Trainer):
     """
 
     backend = "deepspeed"
-    threaded_micro_batches = False  # the engine's backward hooks and accumulation boundary are per call
 
     def __init__(self, model, settings: OptimSettings, total_steps: int, micro_batches_per_step: int,
                  config_path: Path, micro_batch: int):

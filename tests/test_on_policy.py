@@ -4,7 +4,6 @@ trainer's logprob of every rollout token == the rollout's), skips the scoring pa
 the same gradient as the default mode; refusals where it cannot hold."""
 
 import os
-import threading
 
 import pytest
 import torch
@@ -154,18 +153,19 @@ def test_trainer_logprobs_equal_rollout_logprobs_every_iteration(root, tmp_path,
     monkeypatch.setattr(loop, "_score_only", lambda *a: pytest.fail("a scoring pass ran"))
     seen = []  # per micro-batch: (its rows, the logprob values the loss computed with, the mask)
     real_loss, real_apply = loop._loss, loop_mod.ValuesFrom.apply
-    current = threading.local()  # micro-batches run on worker threads, side by side
-
-    def apply(x, values, mask):
-        out = real_apply(x, values, mask)
-        seen.append((current.mb, out.detach().clone(), mask, loop.iteration))
-        return out
 
     def loss(model, mb, n_tokens, fused=False):
-        current.mb = mb
-        return real_loss(model, mb, n_tokens, fused)
+        def apply(x, values, mask):
+            out = real_apply(x, values, mask)
+            seen.append((mb, out.detach().clone(), mask, loop.iteration))
+            return out
 
-    monkeypatch.setattr(loop_mod.ValuesFrom, "apply", apply)
+        monkeypatch.setattr(loop_mod.ValuesFrom, "apply", apply)
+        try:
+            return real_loss(model, mb, n_tokens, fused)
+        finally:
+            monkeypatch.setattr(loop_mod.ValuesFrom, "apply", real_apply)
+
     monkeypatch.setattr(loop, "_loss", loss)
     refreshes = []
     real_refresh = loop.refresh

@@ -65,61 +65,6 @@ def test_trainer_step_sees_fake_quant_and_updates_masters(tiny):
     assert after.dtype == torch.float32 and not torch.equal(before, after)
 
 
-@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
-def test_micro_batches_on_worker_threads_keep_one_threads_bits(tiny, compute_dtype):
-    """At 2 threads a step's micro-batches run on worker threads, single-threaded each, taken by
-    whichever worker is free; gradients are added in micro-batch order. With one worker slowed (a
-    core shared with another process) the other takes more micro-batches, and 3 steps still end
-    with the weights, losses and grad norms of the ordinary loop on one thread, bit for bit."""
-    import threading
-
-    from qatctl import data, models
-    from qatctl.quant import QuantScheme
-    from qatctl.sft import sft_loss
-    from qatctl.train import OptimSettings, make_trainer
-
-    _, tok = models.load_checkpoint(tiny)
-    examples = data.load_sft(ARITH, tok, 128)[:24]
-    steps = []
-    for k in range(3):
-        ids, labels, mask = data.collate(examples[8 * k:8 * k + 8], tok.pad_token_id)
-        n = int((labels[:, 1:] != data.IGNORE).sum())
-        steps.append([(ids[i:i + 2], labels[i:i + 2], mask[i:i + 2], n) for i in range(0, 8, 2)])
-
-    def train(threads, threaded, slow_worker=None):
-        model, _ = models.load_checkpoint(tiny)
-        models.apply_fake_quant(model, QuantScheme())
-        trainer = make_trainer(model, OptimSettings(lr=1e-3, compute_dtype=compute_dtype), total_steps=3,
-                               batch_size=8, micro_batch=2)
-        trainer.threaded_micro_batches = threaded
-        seen = []
-
-        def loss_fn(m, mb):
-            name = threading.current_thread().name
-            seen.append((name, torch.get_num_threads()))
-            if name == slow_worker:
-                time.sleep(0.3)
-            return sft_loss(m, mb)
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            stats = [trainer.step(mbs, loss_fn) for mbs in steps]
-        finally:
-            torch.set_num_threads(before)
-        return model.state_dict(), [(s["loss"], s["grad_norm"]) for s in stats], seen
-
-    want, want_stats, seen = train(1, threaded=False)
-    assert {name for name, _ in seen} == {"MainThread"}
-    got, got_stats, seen = train(2, threaded=True, slow_worker="qatctl-micro-batch-0")
-    assert got_stats == want_stats
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    workers = [name for name, _ in seen]
-    assert set(workers) == {"qatctl-micro-batch-0", "qatctl-micro-batch-1"}
-    assert {t for _, t in seen} == {1}  # torch single-threaded inside each worker
-    assert workers.count("qatctl-micro-batch-1") > workers.count("qatctl-micro-batch-0")  # the free one took more
-
-
 def test_loss_decreases_and_manifest_is_complete(tiny, tmp_path):
     out = tmp_path / "sft"
     p = qatctl("train-sft-qat", tiny, "--data", ARITH, "--out", out, "--steps", "30", *FAST, "--json")
