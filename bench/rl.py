@@ -109,6 +109,19 @@ def sync_vs_reload(start: Path) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def _iteration_mean(ms: list[dict], key: str) -> float | None:
+    """A run's mean seconds_KEY over iterations 2.. (the first warms up)."""
+    vals = [m.get(f"seconds_{key}") for m in ms[1:]]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _cell(vals: list) -> str:
+    """median (min-max) of the values that exist, '-' when none does."""
+    vals = sorted(v for v in vals if v is not None)
+    return f"{median(vals):.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if vals else "-"
+
+
 def true_on_policy(start: Path) -> None:
     """Both arms the mode serves (int4-qat: the W4A16 path; bf16: the dense path, whose default
     rollouts are torch's oneDNN matmul and whose mode's are the native W16A16 step) at the short
@@ -125,14 +138,7 @@ def true_on_policy(start: Path) -> None:
             print(f"round {r + 1}/{ROUNDS}: {k[0]} true_on_policy={k[1]} mini_batches={k[2]} done", file=sys.stderr)
     phases = ("rollout", "score", "update", "update_native_forward", "sync", "iteration")
 
-    def per_run(ms, key):
-        vals = [m.get(f"seconds_{key}") for m in ms[1:]]
-        vals = [v for v in vals if v is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    def cell(vals):
-        vals = sorted(v for v in vals if v is not None)
-        return f"{median(vals):.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if vals else "-"
+    per_run, cell = _iteration_mean, _cell
 
     sh = SHAPES["short"]
     lines = [f"## RL iteration: default vs --true-on-policy ({datetime.date.today()})", "",
@@ -186,14 +192,7 @@ def beside_busy(start: Path) -> None:
             print(f"round {r + 1}/{ROUNDS}: {name} done", file=sys.stderr)
     phases = ("rollout", "score", "update", "sync", "iteration")
 
-    def per_run(ms, key):
-        vals = [m.get(f"seconds_{key}") for m in ms[1:]]
-        vals = [v for v in vals if v is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    def cell(vals):
-        vals = sorted(v for v in vals if v is not None)
-        return f"{median(vals):.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if vals else "-"
+    per_run, cell = _iteration_mean, _cell
 
     sh = SHAPES["short"]
     names = list(BUSY_CONFIGS)
