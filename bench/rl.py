@@ -109,17 +109,20 @@ def sync_vs_reload(start: Path) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def _iteration_mean(ms: list[dict], key: str) -> float | None:
-    """A run's mean seconds_KEY over iterations 2.. (the first warms up)."""
-    vals = [m.get(f"seconds_{key}") for m in ms[1:]]
+def per_run(ms: list[dict], key: str) -> float | None:
+    """A run's mean seconds_KEY over iterations 2.. (the first warms up); sync phases iteration
+    2's alone (the last iteration writes its policy and pushes nothing: its sync is 0)."""
+    vals = [m.get(f"seconds_{key}") for m in (ms[1:2] if key.startswith("sync") else ms[1:])]
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
-def _cell(vals: list) -> str:
+def cell(vals: list, fmt: str = "{:.2f}") -> str:
     """median (min-max) of the values that exist, '-' when none does."""
     vals = sorted(v for v in vals if v is not None)
-    return f"{median(vals):.2f} ({vals[0]:.2f}-{vals[-1]:.2f})" if vals else "-"
+    if not vals:
+        return "-"
+    return f"{fmt.format(median(vals))} ({fmt.format(vals[0])}-{fmt.format(vals[-1])})"
 
 
 def true_on_policy(start: Path) -> None:
@@ -138,14 +141,12 @@ def true_on_policy(start: Path) -> None:
             print(f"round {r + 1}/{ROUNDS}: {k[0]} true_on_policy={k[1]} mini_batches={k[2]} done", file=sys.stderr)
     phases = ("rollout", "score", "update", "update_native_forward", "sync", "iteration")
 
-    per_run, cell = _iteration_mean, _cell
-
     sh = SHAPES["short"]
     lines = [f"## RL iteration: default vs --true-on-policy ({datetime.date.today()})", "",
              f"Machine: {machine()}. `python bench/rl.py --true-on-policy`: the int4-qat and bf16 arms on "
              f"SmolLM2-135M from `{start.relative_to(ROOT)}`, the arithmetic task, {sh['prompts_per_step']} prompts x "
              f"{sh['samples_per_prompt']} samples x {sh['max_new_tokens']} new tokens, lr 1e-5, seed 0; seconds per "
-             f"phase, mean of iterations 2-3 of 3, median (min-max) over {ROUNDS} interleaved rounds. "
+             f"phase, mean of iterations 2-3 of 3 (sync: iteration 2's), median (min-max) over {ROUNDS} interleaved rounds. "
              "update_native_forward (part of update): the engine's exact forward that gives the mode's logprob "
              "values (a prompt's samples scored together; at mini-batch 2 also the engine's refresh to the updated "
              "weights). The bf16 arm's default rollouts run torch's oneDNN BF16 matmul, its mode's the native "
@@ -192,8 +193,6 @@ def beside_busy(start: Path) -> None:
             print(f"round {r + 1}/{ROUNDS}: {name} done", file=sys.stderr)
     phases = ("rollout", "score", "update", "sync", "iteration")
 
-    per_run, cell = _iteration_mean, _cell
-
     sh = SHAPES["short"]
     names = list(BUSY_CONFIGS)
     lines = [f"## RL iteration beside a busy process ({datetime.date.today()})", "",
@@ -201,7 +200,7 @@ def beside_busy(start: Path) -> None:
              f"`{start.relative_to(ROOT)}`, the arithmetic task, {sh['prompts_per_step']} prompts x "
              f"{sh['samples_per_prompt']} samples x {sh['max_new_tokens']} new tokens, --mini-batches 1, lr 1e-5, "
              "seed 0; each run a fresh process (OMP_NUM_THREADS as named, OMP_WAIT_POLICY=passive); the busy "
-             "process is one Python spin loop. Seconds per phase, mean of iterations 2-3 of 3, median (min-max) "
+             "process is one Python spin loop. Seconds per phase, mean of iterations 2-3 of 3 (sync: iteration 2's), median (min-max) "
              f"over {ROUNDS} interleaved rounds.", "",
              "| phase (seconds) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for phase in phases:
@@ -242,17 +241,6 @@ def main() -> None:
                 runs[(a, sh)].append(arm(start, a, sh, **kw))
                 print(f"round {r + 1}/{ROUNDS}: {a} {sh} done", file=sys.stderr)
     sync = sync_vs_reload(start)
-
-    def per_run(ms, key):
-        vals = [m.get(f"seconds_{key}") for m in (ms[1:2] if key.startswith("sync") else ms[1:])]
-        vals = [v for v in vals if v is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    def cell(vals, fmt="{:.2f}"):
-        vals = sorted(v for v in vals if v is not None)
-        if not vals:
-            return "-"
-        return f"{fmt.format(median(vals))} ({fmt.format(vals[0])}-{fmt.format(vals[-1])})"
 
     def med(vals):
         vals = [v for v in vals if v is not None]
