@@ -1,16 +1,19 @@
 """Rebuild the experiment's tables and plots from its committed records (`make results`).
 
-    python recipes/results.py                                  # results/exp -> docs/results.md + PNGs
+    python recipes/results.py                                  # results/exp, results/exp70 -> docs/results.md + PNGs
     python recipes/results.py --root R --tables T.md --no-plots  # what the test runs on a fixture
 
-Reads ROOT/sSEED/ARM/link-J/ as recipes/loop.mk writes them (REPORTS) (metrics.jsonl, rl.json,
-accuracy-{val,test,test-oot}-{int4,dense}.json with per-problem rewards) and writes:
-- the tables between `<!-- results:exp -->` markers of docs/results.md (and to --tables if given):
+Reads each experiment's ROOT/sSEED/ARM/link-J/ (EXPERIMENTS: results/exp, results/exp70) as
+recipes/loop.mk writes them (REPORTS) (metrics.jsonl, rl.json, accuracy-{val,test,test-oot}-{int4,dense}.json
+with per-problem rewards) and writes:
+- the tables between `<!-- results:MARKER -->` markers of docs/results.md (MARKER: exp, exp70; and to
+  --tables if given):
   accuracy per arm and link (mean over seeds, min-max), paired comparisons (qatctl.stats: bootstrap
   95% CI and McNemar over (seed, problem) pairs), reward and mismatch per arm;
-- docs/exp-reward.png (reward per iteration: per-seed lines faint, the seeds' mean of a 5-iteration
-  moving average bold, its min-max band), docs/exp-accuracy.png (test accuracy per link, 95% CI) and,
-  where a seed has the int4-qat-exact arm (--true-on-policy), docs/exp-on-policy.png (its reward and
+- docs/MARKER-reward.png (reward per iteration: per-seed lines faint, the seeds' mean of a 5-iteration
+  moving average bold, its min-max band), docs/MARKER-accuracy.png (test accuracy per link, 95% CI),
+  docs/MARKER-accuracy-val.png (val accuracy, where val has links that test lacks) and,
+  where a seed has the int4-qat-exact arm (--true-on-policy), docs/MARKER-on-policy.png (its reward and
   mismatch per iteration beside int4-qat's from the same start and seed);
 - the tables between `<!-- results:llama-gap -->` and `<!-- results:llama-moe -->` markers: the
   logprob gap between llama.cpp and qatctl on the same weights, from each record of
@@ -168,6 +171,26 @@ def reward_table(runs: dict) -> list[str]:
     return lines
 
 
+def block_table(runs: dict, block: int = 10) -> list[str]:
+    """Mean training reward per block of `block` iterations, per arm and seed (runs of >= 3 blocks)."""
+    rows = []
+    for arm in ARMS:
+        for s in sorted(runs):
+            x = iterations(runs, s, arm) if arm in runs[s] else []
+            if len(x) >= 3 * block:
+                means = [sum(m["reward_mean"] for m in x[i:i + block]) / block for i in range(0, len(x) - block + 1, block)]
+                rows.append((arm, s, means))
+    if not rows:
+        return []
+    n = max(len(m) for _, _, m in rows)
+    lines = [f"**Training reward per block of {block} iterations** (mean of reward_mean; each block reads other prompts)", "",
+             "| arm | seed | " + " | ".join(f"{block * i + 1}-{block * (i + 1)}" for i in range(n)) + " |",
+             "|---|---|" + "---|" * n]
+    for arm, s, means in rows:
+        lines.append(f"| {arm} | {s} | " + " | ".join(f"{v:.3f}" for v in means) + " |" + " - |" * (n - len(means)))
+    return ["", *lines]
+
+
 def tables(runs: dict) -> str:
     seeds = sorted(runs)
     out = [f"Records: {sum(len(links) for s in runs.values() for links in s.values())} links over seeds "
@@ -176,11 +199,11 @@ def tables(runs: dict) -> str:
            "**Paired comparisons** (pairs: (seed, problem) scored by both; bootstrap over pairs, 10 000 resamples, "
            "seed 0; McNemar exact)", "", *comparison_table(runs), "",
            "**Reward and train/rollout mismatch per arm** (iterations: the shortest seed's; [min-max] over seeds)", "",
-           *reward_table(runs)]
+           *reward_table(runs), *block_table(runs)]
     return "\n".join(out) + "\n"
 
 
-def plots(runs: dict, png_dir: Path) -> list[Path]:
+def plots(runs: dict, png_dir: Path, prefix: str = "exp") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,26 +239,40 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
             ax.fill_between(its, [min(v) for v in zip(*smooth, strict=True)], [max(v) for v in zip(*smooth, strict=True)],
                             color=colors[arm], alpha=0.15)
     ax.set(xlabel="RL iteration", ylabel="reward mean (all rollouts)", title="reward per iteration (faint: each seed)")
-    reward_png = finish(fig, ax, png_dir / "exp-reward.png")
+    reward_png = finish(fig, ax, png_dir / f"{prefix}-reward.png")
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (arm, kind), style in {("int4-qat", "int4"): "-o", ("int4-ptq", "int4"): "-s", ("bf16", "int4"): "-^",
-                               ("bf16", "dense"): "--^"}.items():
-        links = sorted({j for s in runs.values() for j in s.get(arm, {})})
-        xs, ys, es = [], [], []
-        for j in links:
-            vals = [v for s in sorted(runs) if j in runs[s].get(arm, {})
-                    for v in runs[s][arm][j]["acc"].get(("test", kind), {}).values()]
-            if not vals:
-                continue
-            p = sum(vals) / len(vals)
-            xs.append(j)
-            ys.append(100 * p)
-            es.append(100 * 1.96 * math.sqrt(p * (1 - p) / len(vals)))
-        if xs:
-            ax.errorbar(xs, ys, yerr=es, fmt=style, color=colors[arm], capsize=3, label=LABEL[(arm, kind)])
-    ax.set(xlabel="RL iterations", ylabel="test accuracy, % (95% CI)", title="held-out test accuracy per link")
-    out = [reward_png, finish(fig, ax, png_dir / "exp-accuracy.png")]
+    def accuracy_plot(split: str, path: Path) -> Path | None:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        drawn = False
+        for (arm, kind), style in {("int4-qat", "int4"): "-o", ("int4-ptq", "int4"): "-s", ("bf16", "int4"): "-^",
+                                   ("bf16", "dense"): "--^"}.items():
+            links = sorted({j for s in runs.values() for j in s.get(arm, {})})
+            xs, ys, es = [], [], []
+            for j in links:
+                vals = [v for s in sorted(runs) if j in runs[s].get(arm, {})
+                        for v in runs[s][arm][j]["acc"].get((split, kind), {}).values()]
+                if not vals:
+                    continue
+                p = sum(vals) / len(vals)
+                xs.append(j)
+                ys.append(100 * p)
+                es.append(100 * 1.96 * math.sqrt(p * (1 - p) / len(vals)))
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, fmt=style, color=colors[arm], capsize=3, label=LABEL[(arm, kind)])
+                drawn = True
+        ax.set(xlabel="RL iterations", ylabel=f"{split} accuracy, % (95% CI)", title=f"held-out {split} accuracy per link")
+        if not drawn:
+            plt.close(fig)
+            return None
+        return finish(fig, ax, path)
+
+    out = [reward_png, accuracy_plot("test", png_dir / f"{prefix}-accuracy.png")]
+    # val is scored at every link (the split that chooses a run's length): its own figure where it has links test lacks
+    val_links = {j for s in runs.values() for a in s.values() for j, r in a.items() if any(k[0] == "val" for k in r["acc"])}
+    test_links = {j for s in runs.values() for a in s.values() for j, r in a.items() if any(k[0] == "test" for k in r["acc"])}
+    if val_links - test_links:
+        out.append(accuracy_plot("val", png_dir / f"{prefix}-accuracy-val.png"))
+    out = [p for p in out if p is not None]
     seeds = [sd for sd in sorted(runs) if "int4-qat-exact" in runs[sd] and "int4-qat" in runs[sd]]
     if seeds:  # true on-policy vs default from the same start and seed: reward and mismatch per iteration
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
@@ -253,7 +290,7 @@ def plots(runs: dict, png_dir: Path) -> list[Path]:
         bx.set(xlabel="RL iteration", ylabel="mean |train - rollout logprob|", title="train/rollout mismatch")
         bx.xaxis.set_major_locator(MaxNLocator(integer=True))
         bx.legend(fontsize=8)
-        out.append(finish(fig, ax, png_dir / "exp-on-policy.png"))
+        out.append(finish(fig, ax, png_dir / f"{prefix}-on-policy.png"))
     return out
 
 
@@ -284,31 +321,44 @@ def gap_table(records: list[Path]) -> str:
     return "\n".join(lines).strip()
 
 
+# The experiments of docs/results.md: marker (and PNG prefix) -> their records (recipes/loop.mk's REPORTS).
+EXPERIMENTS = {"exp": REPO / "results" / "exp",  # four arms, three seeds, 20 iterations (make experiment)
+               "exp70": REPO / "results" / "exp70"}  # int4-qat and bf16, seed 0, 60 iterations (results/exp70/README.md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=REPO / "results" / "exp")
+    ap.add_argument("--root", type=Path, help="one experiment's records (default: every experiment of EXPERIMENTS)")
+    ap.add_argument("--marker", default="exp", help="with --root: its section marker and PNG prefix")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
-    ap.add_argument("--tables", type=Path, help="also write the tables alone to this file")
+    ap.add_argument("--tables", type=Path, help="also write the tables alone to this file (with --root)")
     ap.add_argument("--png-dir", type=Path, default=REPO / "docs")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
-    runs = load(args.root)
-    if not runs:
-        raise SystemExit(f"{args.root}: no records (expected sSEED/ARM/link-J folders)")
-    body = tables(runs)
-    if args.tables:
-        args.tables.write_text(body)
+    if args.tables and not args.root:
+        raise SystemExit("--tables: needs --root (one experiment's tables)")
+    todo = {args.marker: args.root} if args.root else EXPERIMENTS
+    for marker, root in todo.items():
+        runs = load(root)
+        if not runs:
+            raise SystemExit(f"{root}: no records (expected sSEED/ARM/link-J folders)")
+        body = tables(runs)
+        if args.tables:
+            args.tables.write_text(body)
+        if not args.no_doc:
+            if marker != "exp" and f"<!-- results:{marker} -->" not in (args.doc.read_text() if args.doc.exists() else ""):
+                raise SystemExit(f"{args.doc}: no <!-- results:{marker} --> section for {root}")
+            write_doc(args.doc, body, marker)
+        if not args.no_plots:
+            for p in plots(runs, args.png_dir, marker):
+                print(f"wrote {p}")
+        print(body)
     if not args.no_doc:
-        write_doc(args.doc, body)
         for marker, folder in GAPS.items():
             gaps = sorted(folder.glob("*.json"))
             if gaps and f"<!-- results:{marker} -->" in args.doc.read_text():
                 write_doc(args.doc, gap_table(gaps), marker)
-    if not args.no_plots:
-        for p in plots(runs, args.png_dir):
-            print(f"wrote {p}")
-    print(body)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,29 @@ def test_a_changed_record_changes_the_table(tmp_path):
     subprocess.run([sys.executable, REPO / "recipes/results.py", "--root", root, "--tables", out, "--no-plots",
                     "--no-doc"], check=True, capture_output=True, timeout=300)
     assert out.read_bytes() != (FIXTURE / "results-mini.md").read_bytes()
+
+
+def _results_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_script", REPO / "recipes" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_block_table_averages_each_block_of_ten_iterations():
+    r = _results_module()
+    metrics = [{"iteration": i, "reward_mean": float(i)} for i in range(1, 36)]  # 3 full blocks and 5 more
+    runs = {0: {"int4-qat": {35: {"acc": {}, "metrics": metrics, "rl": None}}}}
+    lines = r.block_table(runs)
+    assert "| 1-10 | 11-20 | 21-30 |" in lines[3]
+    assert lines[5] == "| int4-qat | 0 | 5.500 | 15.500 | 25.500 |"  # the partial block 31-35 is left out
+    short = {0: {"bf16": {20: {"acc": {}, "metrics": metrics[:20], "rl": None}}}}
+    assert r.block_table(short) == []  # fewer than three blocks: no table (the 20-iteration experiment's is unchanged)
+
+
+def test_tables_without_a_root_is_refused(tmp_path):
+    p = subprocess.run([sys.executable, REPO / "recipes/results.py", "--tables", tmp_path / "t.md", "--no-plots"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "--tables: needs --root" in p.stderr and not (tmp_path / "t.md").exists()
