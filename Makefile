@@ -56,7 +56,7 @@ experiment: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(MAKE) -f recipes/loop.mk RUN=$(EXP_RUN) REPORTS=results/exp \
 	  SEEDS="$(EXP_SEEDS)" ITERATIONS=20 EVERY=10 SPLITS_MID=val
 
-# Every RL table and plot of docs/results.md from the committed records under results/exp.
+# Every RL table and plot of docs/results.md from the committed records under results/exp and results/exp70.
 results: setup
 	$(BIN)/python recipes/results.py
 

@@ -323,7 +323,7 @@ def gap_table(records: list[Path]) -> str:
 
 # The experiments of docs/results.md: marker (and PNG prefix) -> their records (recipes/loop.mk's REPORTS).
 EXPERIMENTS = {"exp": REPO / "results" / "exp",  # four arms, three seeds, 20 iterations (make experiment)
-               "exp70": REPO / "results" / "exp70"}  # int4-qat and bf16, seed 0, 60 iterations (results/exp70/README.md)
+               "exp70": REPO / "results" / "exp70"}  # int4-qat and bf16, seed 0, 50 iterations (results/exp70/README.md)
 
 
 def main() -> None:
