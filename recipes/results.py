@@ -268,9 +268,10 @@ def plots(runs: dict, png_dir: Path, prefix: str = "exp") -> list[Path]:
 
     out = [reward_png, accuracy_plot("test", png_dir / f"{prefix}-accuracy.png")]
     # val is scored at every link (the split that chooses a run's length): its own figure where it has links test lacks
-    val_links = {j for s in runs.values() for a in s.values() for j, r in a.items() if any(k[0] == "val" for k in r["acc"])}
-    test_links = {j for s in runs.values() for a in s.values() for j, r in a.items() if any(k[0] == "test" for k in r["acc"])}
-    if val_links - test_links:
+    def scored(split: str) -> set:
+        return {j for s in runs.values() for a in s.values() for j, r in a.items() if any(k[0] == split for k in r["acc"])}
+
+    if scored("val") - scored("test"):
         out.append(accuracy_plot("val", png_dir / f"{prefix}-accuracy-val.png"))
     out = [p for p in out if p is not None]
     seeds = [sd for sd in sorted(runs) if "int4-qat-exact" in runs[sd] and "int4-qat" in runs[sd]]
@@ -329,7 +330,7 @@ EXPERIMENTS = {"exp": REPO / "results" / "exp",  # four arms, three seeds, 20 it
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, help="one experiment's records (default: every experiment of EXPERIMENTS)")
-    ap.add_argument("--marker", default="exp", help="with --root: its section marker and PNG prefix")
+    ap.add_argument("--marker", help="with --root: its section marker and PNG prefix (default exp)")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
     ap.add_argument("--tables", type=Path, help="also write the tables alone to this file (with --root)")
     ap.add_argument("--png-dir", type=Path, default=REPO / "docs")
@@ -338,7 +339,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.tables and not args.root:
         raise SystemExit("--tables: needs --root (one experiment's tables)")
-    todo = {args.marker: args.root} if args.root else EXPERIMENTS
+    if args.marker and not args.root:
+        raise SystemExit("--marker: needs --root (the marker names that experiment's section)")
+    todo = {args.marker or "exp": args.root} if args.root else EXPERIMENTS
     for marker, root in todo.items():
         runs = load(root)
         if not runs:

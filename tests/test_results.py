@@ -62,3 +62,9 @@ def test_tables_without_a_root_is_refused(tmp_path):
     p = subprocess.run([sys.executable, REPO / "recipes/results.py", "--tables", tmp_path / "t.md", "--no-plots"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "--tables: needs --root" in p.stderr and not (tmp_path / "t.md").exists()
+
+
+def test_a_marker_without_a_root_is_refused(tmp_path):
+    p = subprocess.run([sys.executable, REPO / "recipes/results.py", "--marker", "x", "--no-plots", "--doc", tmp_path / "r.md"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "--marker: needs --root" in p.stderr and not (tmp_path / "r.md").exists()
