@@ -108,8 +108,9 @@ def pairs(runs: dict, a: tuple, b: tuple, split: str) -> tuple[list, list, int]:
 
 
 def comparison_table(runs: dict) -> list[str]:
-    lines = ["| comparison (B - A) | split | link | seeds | pairs | A % | B % | B - A (points) | 95% CI | McNemar p |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| comparison (B - A) | split | link | seeds | pairs | A % | B % | B - A (points) | 95% CI | McNemar p | "
+             "B - A per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     common = sorted(set.intersection(*[{j for s in runs.values() for j in s.get(arm, {})} for arm in ARMS if
                                        any(arm in s for s in runs.values())] or [set()]))
     rows = []
@@ -132,8 +133,14 @@ def comparison_table(runs: dict) -> list[str]:
             continue
         r = paired_compare(xs, ys, bootstrap=10000, seed=0)
         p = "-" if r["mcnemar_p"] is None else f"{r['mcnemar_p']:.2g}"
+        per_seed = []  # the pooled CI is over (seed, problem) pairs; each seed's own difference shows the spread
+        for s in sorted(runs):
+            sx, sy, _ = pairs({s: runs[s]}, a, b, split)
+            if sx:
+                per_seed.append(f"s{s} {100 * (sum(sy) - sum(sx)) / len(sx):+.1f}")
         lines.append(f"| {name} | {split} | {j} | {seeds} | {r['n']} | {pct(r['a_mean'])} | {pct(r['b_mean'])} | "
-                     f"{100 * r['difference']:+.1f} | [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}] | {p} |")
+                     f"{100 * r['difference']:+.1f} | [{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}] | {p} | "
+                     f"{', '.join(per_seed)} |")
     return lines
 
 

@@ -68,3 +68,19 @@ def test_a_marker_without_a_root_is_refused(tmp_path):
     p = subprocess.run([sys.executable, REPO / "recipes/results.py", "--marker", "x", "--no-plots", "--doc", tmp_path / "r.md"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "--marker: needs --root" in p.stderr and not (tmp_path / "r.md").exists()
+
+
+def test_the_comparison_table_gives_each_seeds_own_difference():
+    r = _results_module()
+
+    def link(rewards):
+        return {"acc": {("test", "int4"): dict(enumerate(rewards))}, "metrics": [], "rl": None}
+
+    # seed 0: int4-qat 8/10 at link 5 vs 4/10 at its start (+40); seed 1: 5/10 vs 5/10 (+0)
+    runs = {0: {"int4-qat": {0: link([1.0] * 4 + [0.0] * 6), 5: link([1.0] * 8 + [0.0] * 2)}},
+            1: {"int4-qat": {0: link([1.0] * 5 + [0.0] * 5), 5: link([0.0] * 5 + [1.0] * 5)}}}
+    row = [ln for ln in r.comparison_table(runs) if ln.startswith("| int4-qat: link 5 vs its start")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[3:5] == ["2", "20"] and cells[7] == "+20.0"  # pooled over (seed, problem) pairs
+    assert cells[-1] == "s0 +40.0, s1 +0.0"
